@@ -1,0 +1,374 @@
+"""The audit's self-contained visual report (``report.html``).
+
+One HTML file that a radiologist and a privacy officer can read offline: a summary table, histograms of the
+synthetic-to-train scores against the held-out null with tau marked, the top copies side by side, and a per-patient
+table. Every image is an embedded ``data:`` URI and the page's Content-Security-Policy forbids any other fetch, so
+opening it contacts no server. Compute core: no Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from raymem import storage
+
+HISTOGRAM_BINS = 50
+SLICE_GAP_PX = 2
+SCAN_HEIGHT_PX = 256
+SCAN_MAX_WIDTH_PX = 384
+REQUIRED_METRICS = (
+    "threshold", "percentile", "n_train", "n_val", "n_synthetic", "n_memorized_train", "pct_memorized_train",
+    "n_copies", "pct_copies", "n_patients", "pct_memorized_patients",
+)
+# Optional metrics shown when present; all are fractions in [0, 1] (the pct_* metrics are the percentages).
+OPTIONAL_FRACTION_METRICS = (
+    ("implied_fpr", "Implied false-positive rate at tau"),
+    ("sensitivity", "Planted-copy sensitivity"),
+    ("specificity", "Planted-copy specificity"),
+    ("precision", "Planted-copy precision"),
+    ("roc_auc", "Planted-copy ROC AUC"),
+)
+# What the null distribution behind tau is, and what tau means for false positives, per calibration.
+NULL_DESCRIPTIONS = {
+    "paper": "each training sample's highest correlation with any validation sample",
+    "matched": "each validation sample's highest correlation with any training sample",
+}
+FALSE_POSITIVE_NOTES = {
+    "paper": "By construction {tail:g} % of training samples have an unseen validation patient scoring above tau: "
+    "the implied false-positive rate. A synthetic sample is searched among all training samples, more candidates "
+    "than the validation samples behind the null when there are more training than validation samples, so "
+    "genuinely new samples cross tau more often than that; the matched calibration corrects for this.",
+    "matched": "The null searches held-out validation samples among the same training samples the synthetic "
+    "samples are searched in, so about {tail:g} % of genuinely new samples score above tau: the implied "
+    "false-positive rate.",
+}
+PATIENT_KEYS = ("patient_id", "n_train_images", "n_memorized", "best_score")
+# Nothing but embedded images and the inline style sheet may load: no scripts, fonts or network fetches.
+CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5rem auto; max-width: 75rem; padding: 0 1rem; color: #222; }
+.banner { background: #b00020; color: #fff; padding: 0.8rem 1rem; font-weight: bold; border-radius: 4px; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+tr.flagged td { background: #fdecea; }
+figure { margin: 0; }
+img.scan { display: block; margin-bottom: 0.3rem; }
+img.pixelated { image-rendering: pixelated; }
+img.plot { max-width: 100%; }
+"""
+
+
+@dataclass(frozen=True)
+class CopyPair:
+    """A synthetic sample and its most similar training sample.
+
+    Images are optional (embedding-only audits have none): channel-first ``(1, H, W)`` or ``(1, D, H, W)``, or
+    spatial-only ``(H, W)`` or ``(D, H, W)``; any float range (each is min-max scaled for display).
+    """
+
+    synthetic_id: str
+    train_id: str
+    patient_id: str
+    score: float
+    synthetic_image: np.ndarray | None = None
+    train_image: np.ndarray | None = None
+
+
+def image_to_png_data_uri(image: np.ndarray) -> str:
+    """A ``data:image/png;base64,...`` URI of an image, min-max scaled to 8-bit grayscale.
+
+    image: ``(1, H, W)`` / ``(H, W)`` is shown as is; ``(1, D, H, W)`` / ``(D, H, W)`` as its three orthogonal
+    mid-slices side by side (``[D // 2]`` of shape (H, W), ``[:, H // 2]`` of shape (D, W), ``[:, :, W // 2]`` of
+    shape (D, H)), separated by ``SLICE_GAP_PX`` black columns, vertically centred, scaled over the whole volume.
+    """
+    return _png_data_uri_of_plane(_display_plane(image))
+
+
+def render_report(
+    *,
+    metrics: dict,
+    synthetic_top1: np.ndarray,
+    null_scores: np.ndarray,
+    pairs: Sequence[CopyPair],
+    patients: Sequence[dict],
+    title: str = "raymem memorization audit",
+) -> str:
+    """The report as one self-contained HTML document.
+
+    metrics: the audit's metrics (``REQUIRED_METRICS``; optional ``calibration`` and ``OPTIONAL_FRACTION_METRICS``).
+    synthetic_top1: (n_synthetic,) each synthetic sample's highest correlation with any training sample.
+    null_scores: (n_null,) the nearest-neighbour correlations tau is the percentile of (train->val for the paper's
+        calibration, val->train for ``calibration="matched"``).
+    pairs: the copies to show side by side; shown by descending score.
+    patients: one dict per training patient with ``PATIENT_KEYS``: ``n_train_images`` (training images of that
+        patient), ``n_memorized`` (of those, memorized), ``best_score`` (highest correlation of any synthetic sample
+        with any of them); shown by descending risk (n_memorized, then best_score).
+    """
+    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    if missing:
+        raise ValueError(f"metrics lacks {missing}: pass the metrics dict the audit wrote (metrics.json)")
+    threshold = float(metrics["threshold"])
+    percentile = float(metrics["percentile"])
+    calibration = str(metrics.get("calibration", "paper"))
+    if calibration not in NULL_DESCRIPTIONS:
+        raise ValueError(f"metrics['calibration'] is {calibration!r}: expected one of {sorted(NULL_DESCRIPTIONS)}")
+    null_description = NULL_DESCRIPTIONS[calibration]
+    # Tables first: they validate the inputs before the slower histogram is drawn.
+    summary_table = _table(
+        ["Figure", "Value"], [[_text(label), _text(value)] for label, value in _summary_rows(metrics)],
+        table_id="summary",
+    )
+    pairs_table = _pairs_table(pairs, threshold)
+    patients_table = _patients_table(patients)
+    histogram_uri = _histogram_png_data_uri(
+        _scores("synthetic_top1", synthetic_top1), _scores("null_scores", null_scores), threshold, null_description
+    )
+    sections = [
+        f"<h1>{_text(title)}</h1>",
+        '<p class="banner">This report shows images of patients from the training data. Handle it as patient data: '
+        "store and share it only where the training images themselves may go.</p>",
+        "<h2>Summary</h2>",
+        summary_table,
+        "<h2>How to read this</h2>",
+        _how_to_read(percentile, calibration),
+        "<h2>Score distributions</h2>",
+        f'<figure><img class="plot" src="{histogram_uri}" alt="Histograms of synthetic-to-train correlations and of '
+        f'the null ({_text(null_description)}) on shared bins, tau = {threshold:.4f} marked"></figure>',
+        f"<h2>Top copies ({len(pairs)})</h2>",
+        pairs_table,
+        f"<h2>Patients ({len(patients)})</h2>",
+        patients_table,
+    ]
+    body = "\n".join(sections)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
+        f"<title>{_text(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def write_report(out_uri: str, html: str) -> None:
+    """Write the report's HTML (UTF-8) to a local path or ``s3://`` URI."""
+    storage.write_bytes(out_uri, html.encode("utf-8"))
+
+
+def _display_plane(image: np.ndarray) -> np.ndarray:
+    """The (rows, columns) uint8 plane :func:`image_to_png_data_uri` encodes."""
+    spatial = np.asarray(image)
+    if spatial.ndim in (3, 4) and spatial.shape[0] == 1:
+        spatial = spatial[0]
+    if spatial.ndim not in (2, 3):
+        raise ValueError(
+            f"image of shape {np.shape(image)} is neither 2D ((1, H, W) or (H, W)) nor 3D ((1, D, H, W) or "
+            f"(D, H, W)): pass a single-channel image"
+        )
+    if not np.isfinite(spatial).all():
+        raise ValueError(f"image of shape {np.shape(image)} contains NaN or infinite values: fix or drop it")
+    intensities = _to_uint8(spatial)
+    if intensities.ndim == 2:
+        return intensities
+    depth, height, width = intensities.shape
+    return _side_by_side([intensities[depth // 2], intensities[:, height // 2, :], intensities[:, :, width // 2]])
+
+
+def _png_data_uri_of_plane(plane: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(plane).save(buffer, format="PNG")
+    return _png_data_uri(buffer.getvalue())
+
+
+def _to_uint8(spatial: np.ndarray) -> np.ndarray:
+    """Min-max scale to 0..255 (a constant image becomes all 0); same shape."""
+    values = spatial.astype(np.float64)
+    low, high = values.min(), values.max()
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.round((values - low) * scale).astype(np.uint8)
+
+
+def _side_by_side(planes: list[np.ndarray]) -> np.ndarray:
+    """2D uint8 planes of any sizes -> one (max height, sum of widths + gaps) plane, vertically centred, black fill."""
+    height = max(plane.shape[0] for plane in planes)
+    width = sum(plane.shape[1] for plane in planes) + SLICE_GAP_PX * (len(planes) - 1)
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    column = 0
+    for plane in planes:
+        top = (height - plane.shape[0]) // 2
+        canvas[top : top + plane.shape[0], column : column + plane.shape[1]] = plane
+        column += plane.shape[1] + SLICE_GAP_PX
+    return canvas
+
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _scores(name: str, values: np.ndarray) -> np.ndarray:
+    scores = np.asarray(values, dtype=np.float64).reshape(-1)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{name} holds {bad} NaN or infinite scores: rerun the audit on finite embeddings")
+    return scores
+
+
+def _histogram_png_data_uri(
+    synthetic_top1: np.ndarray, null_scores: np.ndarray, threshold: float, null_description: str
+) -> str:
+    """Two stacked histograms on the same bins and x axis, each with tau as a dashed vertical line."""
+    edges = np.histogram_bin_edges(np.concatenate([synthetic_top1, null_scores, [threshold]]), bins=HISTOGRAM_BINS)
+    figure = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    panels = (
+        (synthetic_top1, "Synthetic samples: highest correlation with any training sample", "#b00020"),
+        (null_scores, f"Null: {null_description}", "#3465a4"),
+    )
+    for ax, (scores, label, colour) in zip(axes, panels):
+        ax.hist(scores, bins=edges, color=colour, alpha=0.8)
+        ax.axvline(threshold, color="black", linestyle="--", label=f"tau = {threshold:.4f}")
+        ax.set_title(f"{label} (n = {scores.size})", fontsize=10)
+        ax.set_ylabel("samples")
+        ax.legend(loc="upper left")
+    axes[-1].set_xlabel("Pearson correlation of detector embeddings")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return _png_data_uri(buffer.getvalue())
+
+
+def _summary_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of the summary table, as plain text."""
+    rows = [
+        ("Threshold tau", f"{float(metrics['threshold']):.4f}"),
+        ("Percentile P of the null giving tau", f"{float(metrics['percentile']):g}"),
+    ]
+    if "calibration" in metrics:
+        rows.append(("Calibration", str(metrics["calibration"])))
+    rows += [
+        ("Training samples", f"{int(metrics['n_train'])}"),
+        ("Validation samples", f"{int(metrics['n_val'])}"),
+        ("Synthetic samples", f"{int(metrics['n_synthetic'])}"),
+        ("Memorized training samples",
+         f"{int(metrics['n_memorized_train'])} ({float(metrics['pct_memorized_train']):.1f} %)"),
+        ("Copies among synthetic samples", f"{int(metrics['n_copies'])} ({float(metrics['pct_copies']):.1f} %)"),
+        ("Training patients", f"{int(metrics['n_patients'])}"),
+        ("Memorized patients", f"{float(metrics['pct_memorized_patients']):.1f} %"),
+    ]
+    for key, label in OPTIONAL_FRACTION_METRICS:
+        if key in metrics:
+            value = float(metrics[key])
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"metrics['{key}'] = {value} is not a fraction in [0, 1]: pass fractions (pct_* hold percentages)"
+                )
+            rows.append((label, f"{value:.3f}"))
+    return rows
+
+
+def _how_to_read(percentile: float, calibration: str) -> str:
+    paragraphs = [
+        "Scores are Pearson correlations of the copy detector's embeddings, from -1 to 1; 1 means the detector "
+        "sees the two images as the same.",
+        f"The threshold tau is percentile P = {percentile:g} of the null: {NULL_DESCRIPTIONS[calibration]}, "
+        "where validation patients never appear in training.",
+        FALSE_POSITIVE_NOTES[calibration].format(tail=100.0 - percentile),
+        "A synthetic sample is a copy when its score with its most similar training sample is strictly greater "
+        "than tau. A training sample is memorized when some synthetic sample scores strictly greater than tau with "
+        "it, and a patient is memorized when any of their training images is.",
+        "A 3D volume, stored as (depth, height, width), appears as three orthogonal mid-slices side by side: the "
+        "middle depth slice, the middle row, the middle column, one pixel per voxel (voxel spacing not applied).",
+        "A score is evidence for review, not a verdict: look at the pairs side by side.",
+    ]
+    return "\n".join(f"<p>{_text(paragraph)}</p>" for paragraph in paragraphs)
+
+
+def _pairs_table(pairs: Sequence[CopyPair], threshold: float) -> str:
+    ranked = sorted(pairs, key=lambda pair: -pair.score)
+    rows = [
+        [
+            str(rank),
+            _sample_cell(pair.synthetic_id, pair.synthetic_image, "synthetic"),
+            _sample_cell(pair.train_id, pair.train_image, "training"),
+            f"{pair.score:.4f}",
+            "yes" if pair.score > threshold else "no",
+            _text(pair.patient_id),
+        ]
+        for rank, pair in enumerate(ranked, start=1)
+    ]
+    flagged = {index for index, pair in enumerate(ranked) if pair.score > threshold}
+    headers = ["#", "Synthetic sample", "Most similar training sample", "Score", "Above tau", "Patient"]
+    return _table(headers, rows, empty_text="No pairs to show.", number_columns={0, 3}, flagged_rows=flagged,
+                  table_id="copies")
+
+
+def _sample_cell(sample_id: str, image: np.ndarray | None, kind: str) -> str:
+    label = f"<code>{_text(sample_id)}</code>"
+    if image is None:
+        return label
+    try:
+        plane = _display_plane(image)
+    except ValueError as err:
+        raise ValueError(f"{kind} sample {sample_id!r}: {err}") from err
+    rows, columns = plane.shape
+    # Shown SCAN_HEIGHT_PX tall unless that makes it wider than SCAN_MAX_WIDTH_PX (3D triptychs); aspect kept.
+    zoom = min(SCAN_HEIGHT_PX / rows, SCAN_MAX_WIDTH_PX / columns)
+    css_class = "scan pixelated" if zoom > 1 else "scan"
+    return (
+        f'<img class="{css_class}" src="{_png_data_uri_of_plane(plane)}" width="{round(columns * zoom)}" '
+        f'height="{round(rows * zoom)}" alt="{_text(kind)} sample {_text(sample_id)}">{label}'
+    )
+
+
+def _patients_table(patients: Sequence[dict]) -> str:
+    for patient in patients:
+        missing = [key for key in PATIENT_KEYS if key not in patient]
+        if missing:
+            raise ValueError(f"patient row {patient!r} lacks {missing}: each row needs {list(PATIENT_KEYS)}")
+    ranked = sorted(
+        patients, key=lambda row: (-int(row["n_memorized"]), -float(row["best_score"]), str(row["patient_id"]))
+    )
+    rows = [
+        [_text(row["patient_id"]), str(int(row["n_train_images"])), str(int(row["n_memorized"])),
+         f"{float(row['best_score']):.4f}"]
+        for row in ranked
+    ]
+    flagged = {index for index, row in enumerate(ranked) if int(row["n_memorized"]) > 0}
+    headers = ["Patient", "Training images", "Memorized", "Best score"]
+    return _table(headers, rows, empty_text="No patients to show.", number_columns={1, 2, 3},
+                  flagged_rows=flagged, table_id="patients")
+
+
+def _table(
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    table_id: str,
+    empty_text: str = "",
+    number_columns: Collection[int] = (),
+    flagged_rows: Collection[int] = (),
+) -> str:
+    """An HTML table of rows of cells that are already HTML (callers escape text); flagged rows are highlighted."""
+    if not rows:
+        return f"<p>{_text(empty_text)}</p>"
+    head = "".join(f"<th>{_text(header)}</th>" for header in headers)
+    body = []
+    for index, row in enumerate(rows):
+        row_class = ' class="flagged"' if index in flagged_rows else ""
+        cells = "".join(
+            f'<td class="number">{cell}</td>' if column in number_columns else f"<td>{cell}</td>"
+            for column, cell in enumerate(row)
+        )
+        body.append(f"<tr{row_class}>{cells}</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(body) + "\n</tbody></table>"
+
+
+def _text(value: object) -> str:
+    return html.escape(str(value), quote=True)
