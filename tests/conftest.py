@@ -1,0 +1,64 @@
+"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1) and a real local Ray cluster.
+
+Nothing here mocks S3 or Ray: the moto server speaks the S3 protocol over HTTP, and Ray runs real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Ray >= 2.59 enables token auth for local clusters; tests run a private local cluster without it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; sets the AWS_* variables raymem.storage reads. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the moto server; returns 's3://<bucket>'."""
+    import boto3
+
+    name = f"raymem-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One real local Ray cluster per test module (4 logical CPUs on a 2-core machine, see DESIGN.md)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
+    # A stalled pipeline should fail the test, not hang it.
+    DataContext.get_current().execution_no_progress_timeout_s = 120
+    yield ray
+    ray.shutdown()
