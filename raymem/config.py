@@ -68,9 +68,11 @@ class IngestConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _expand_size(cls, values: Any) -> Any:
-        # `size: 64` means 64 along every spatial axis.
-        if isinstance(values, dict) and isinstance(values.get("size"), int):
-            values = {**values, "size": (values["size"],) * int(values.get("spatial_dims", 2))}
+        # `size: 64` (or `--size 64`) means 64 along every spatial axis.
+        size = values.get("size") if isinstance(values, dict) else None
+        if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+            side = size if isinstance(size, int) else size[0]
+            values = {**values, "size": (side,) * int(values.get("spatial_dims", 2))}
         return values
 
     @model_validator(mode="after")

@@ -65,7 +65,8 @@ def is_dir(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as stream:
+        # compression=None: pyarrow would otherwise gunzip "*.gz" on the fly, hiding a truncated .nii.gz.
+        with fs.open_input_stream(path, compression=None) as stream:
             return stream.read()
     except FileNotFoundError as err:
         raise StorageError(f"{uri} does not exist") from err
@@ -80,7 +81,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     if parent and not is_s3(uri):
         fs.create_dir(parent, recursive=True)
     try:
-        with fs.open_output_stream(path) as stream:
+        with fs.open_output_stream(path, compression=None) as stream:
             stream.write(data)
     except OSError as err:
         raise StorageError(f"cannot write {uri}: {err}") from err

@@ -52,8 +52,11 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One real local Ray cluster per test module (4 logical CPUs on a 2-core machine, see DESIGN.md)."""
+def ray_cluster(s3_server):
+    """One real local Ray cluster per test module (4 logical CPUs on a 2-core machine, see DESIGN.md).
+
+    Started after the S3 server so its workers inherit the AWS_* endpoint variables, as cluster nodes would.
+    """
     import ray
     from ray.data import DataContext
 

@@ -1,0 +1,61 @@
+"""Stream a committed dataset split through Ray Data, augmented, ready for ``iter_torch_batches`` in Ray Train."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from raymem import storage
+from raymem.config import AugmentConfig
+from raymem.data import shards, transforms
+
+
+def _batch_seed(seed: int, epoch: int, sample_ids: Sequence[str]) -> int:
+    """A seed per (study seed, epoch, batch content): reproducible wherever and in whatever order batches run."""
+    text = f"{seed}:{epoch}:{sample_ids[0] if len(sample_ids) else ''}:{len(sample_ids)}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def _to_float_and_augment(batch: dict[str, np.ndarray], augment: AugmentConfig, spatial_dims: int, seed: int,
+                          epoch: int) -> dict[str, np.ndarray]:
+    """map_batches: images to float32 (B, 1, *spatial) and, when enabled, the paper's augmentation."""
+    images = np.asarray(batch["image"], dtype=np.float32)
+    if augment.enabled:
+        images = transforms.make_augment(
+            spatial_dims=spatial_dims, flip_prob=augment.flip_prob, rotate_prob=augment.rotate_prob,
+            max_rotation_deg=augment.max_rotation_deg,
+            seed=_batch_seed(seed, epoch, list(batch["sample_id"])))(images)
+    return {**batch, "image": images}
+
+
+def open_split(dataset_uri: str, split: str, *, augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0,
+               columns: Sequence[str] = ("image",), sample_ids: Sequence[str] | None = None):
+    """A committed split as a ``ray.data.Dataset`` of float32 images (B, 1, *spatial), augmented on the fly.
+
+    ``augment=None`` or ``augment.enabled=False`` streams the images as stored (augmentation is a study factor).
+    ``columns`` default to the image alone, which `iter_torch_batches` needs (strings do not become tensors).
+    ``sample_ids`` restricts the split to a subset (nested training-set sizes). Pass a new ``epoch`` for new
+    augmentation draws; the same (seed, epoch) repeats them exactly.
+    """
+    import ray
+
+    manifest = shards.read_manifest(dataset_uri)
+    files = shards.split_files(dataset_uri, split)
+    if not files:
+        raise shards.DatasetError(f"{dataset_uri} split {split!r} is empty")
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(uri)[1] for uri in files]
+    needed = list(dict.fromkeys([*columns, "sample_id"]))
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=needed)
+    if sample_ids is not None:
+        wanted = set(sample_ids)
+        ds = ds.filter(lambda row: row["sample_id"] in wanted)
+    if "image" in needed:
+        ds = ds.map_batches(_to_float_and_augment, batch_format="numpy",
+                            fn_kwargs={"augment": augment or AugmentConfig(enabled=False),
+                                       "spatial_dims": manifest["spatial_dims"], "seed": seed, "epoch": epoch})
+    if "sample_id" not in columns:
+        ds = ds.drop_columns(["sample_id"])
+    return ds
