@@ -14,6 +14,7 @@ import hmac
 import logging
 import posixpath
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,7 +312,7 @@ def ingest(src_uri: str, dataset_uri: str, cfg: IngestConfig) -> IngestSummary:
 
 def _commit(dataset_uri: str, cfg: IngestConfig, image_shape: tuple[int, ...], *, sample_ids: list[str],
             patient_ids: list[str], split_of: dict[str, str], content_hashes: list[str], modalities: list[str],
-            written: list[dict], bad: list[dict], pseudonym_key: str) -> IngestSummary:
+            written: list[dict], bad: list[dict], pseudonym_key: str, extra: dict | None = None) -> IngestSummary:
     """After every shard is written: duplicates and quarantine tables, then the manifest (the commit)."""
     counts: dict[str, int] = defaultdict(int)
     for h in content_hashes:
@@ -343,12 +344,42 @@ def _commit(dataset_uri: str, cfg: IngestConfig, image_shape: tuple[int, ...], *
         "modalities": sorted(set(modalities)),
         "pseudonym_key": pseudonym_key,
         "config": cfg.model_dump(mode="json"),
+        **(extra or {}),
     }
     shards.write_manifest(dataset_uri, manifest)
     return IngestSummary(dataset_uri=dataset_uri, found=found, ingested=len(sample_ids), quarantined=len(bad),
                          duplicates=len(duplicate_rows),
                          splits={k: {"images": v["images"], "patients": v["patients"]} for k, v in split_summary.items()},
                          image_shape=image_shape, quarantine_reasons=dict(reasons))
+
+
+def write_dataset(dataset_uri: str, samples: Iterable[shards.Sample], cfg: IngestConfig,
+                  image_shape: tuple[int, ...], *, pseudonym_key: str, extra: dict | None = None) -> IngestSummary:
+    """Write samples (already shaped and normalised, splits set) as a committed dataset, streaming shard by shard."""
+    if storage.exists(storage.join(dataset_uri, shards.MANIFEST)):
+        raise IngestError(f"{dataset_uri} already holds a committed dataset; choose a new destination")
+    pending: dict[str, list[shards.Sample]] = defaultdict(list)
+    written, metas = [], []
+    per_shard = shards.rows_per_row_group(image_shape, cfg.dtype)
+
+    def flush(split: str) -> None:
+        table = shards.samples_to_table(pending.pop(split), image_shape, cfg.dtype)
+        name = shards.shard_name(table)
+        shards.write_table(storage.join(dataset_uri, split, name), table)
+        written.append({"split": split, "file": name, "rows": table.num_rows})
+
+    for sample in samples:
+        pending[sample.split].append(sample)
+        metas.append((sample.sample_id, sample.patient_id, sample.split, sample.content_hash, sample.modality))
+        if len(pending[sample.split]) >= per_shard:
+            flush(sample.split)
+    for split in list(pending):
+        flush(split)
+    sample_ids, patient_ids, split_list, hashes, modalities = (list(c) for c in zip(*metas)) if metas else \
+        ([], [], [], [], [])
+    return _commit(dataset_uri, cfg, image_shape, sample_ids=sample_ids, patient_ids=patient_ids,
+                   split_of=dict(zip(sample_ids, split_list)), content_hashes=hashes, modalities=modalities,
+                   written=written, bad=[], pseudonym_key=pseudonym_key, extra=extra)
 
 
 def phantom_dataset(dataset_uri: str, kind: str, *, patients: int, images_per_patient: int, size: int, seed: int,
@@ -361,43 +392,26 @@ def phantom_dataset(dataset_uri: str, kind: str, *, patients: int, images_per_pa
 
     from raymem.data import phantoms
 
-    if storage.exists(storage.join(dataset_uri, shards.MANIFEST)):
-        raise IngestError(f"{dataset_uri} already holds a committed dataset; choose a new destination")
     spatial_dims = 2 if kind == "xray2d" else 3
     first = next(phantoms.generate(kind, patients=1, images_per_patient=1, size=size, seed=seed))
     cfg = cfg.model_copy(update={"spatial_dims": spatial_dims, "size": tuple(first.array.shape)})
-    image_shape = (1, *first.array.shape)
     patient_ids = [f"phantom-{kind}-{seed}-{p:05d}" for p in range(patients)]
     patient_split = assign_splits(patient_ids, cfg.val_fraction, cfg.test_fraction, cfg.seed)
 
-    pending: dict[str, list[shards.Sample]] = defaultdict(list)
-    written, metas = [], []
-    per_shard = shards.rows_per_row_group(image_shape, cfg.dtype)
+    def samples() -> Iterator[shards.Sample]:
+        images = phantoms.generate(kind, patients=patients, images_per_patient=images_per_patient, size=size,
+                                   seed=seed)
+        for image in tqdm(images, total=patients * images_per_patient, desc=f"phantoms {kind}", unit="img"):
+            patient_id = patient_ids[image.patient_index]
+            array = transforms.normalise_intensity(
+                image.array, image.modality, intensity_range=tuple(cfg.intensity_range),
+                ct_window_hu=tuple(cfg.ct_window_hu), percentiles=tuple(cfg.percentiles))
+            yield shards.Sample(
+                sample_id=f"{patient_id}-{image.image_index:03d}", patient_id=patient_id,
+                split=patient_split[patient_id], image=array[None].astype(cfg.dtype),
+                spacing_mm=tuple(image.spacing_mm), modality=image.modality,
+                source=f"phantom/{kind}/seed-{seed}/patient-{image.patient_index:05d}/img-{image.image_index:03d}",
+                content_hash=formats.content_hash(image.array))
 
-    def flush(split: str) -> None:
-        table = shards.samples_to_table(pending.pop(split), image_shape, cfg.dtype)
-        name = shards.shard_name(table)
-        shards.write_table(storage.join(dataset_uri, split, name), table)
-        written.append({"split": split, "file": name, "rows": table.num_rows})
-
-    images = phantoms.generate(kind, patients=patients, images_per_patient=images_per_patient, size=size, seed=seed)
-    for image in tqdm(images, total=patients * images_per_patient, desc=f"phantoms {kind}", unit="img"):
-        patient_id = patient_ids[image.patient_index]
-        split = patient_split[patient_id]
-        array = transforms.normalise_intensity(image.array, image.modality, intensity_range=tuple(cfg.intensity_range),
-                                               ct_window_hu=tuple(cfg.ct_window_hu), percentiles=tuple(cfg.percentiles))
-        source = f"phantom/{kind}/seed-{seed}/patient-{image.patient_index:05d}/img-{image.image_index:03d}"
-        sample = shards.Sample(sample_id=f"{patient_id}-{image.image_index:03d}", patient_id=patient_id, split=split,
-                               image=array[None].astype(cfg.dtype), spacing_mm=tuple(image.spacing_mm),
-                               modality=image.modality, source=source,
-                               content_hash=formats.content_hash(image.array))
-        pending[split].append(sample)
-        metas.append((sample.sample_id, patient_id, split, sample.content_hash, image.modality))
-        if len(pending[split]) >= per_shard:
-            flush(split)
-    for split in list(pending):
-        flush(split)
-    sample_ids, patient_of, split_list, hashes, modalities = (list(column) for column in zip(*metas))
-    return _commit(dataset_uri, cfg, image_shape, sample_ids=sample_ids, patient_ids=patient_of,
-                   split_of=dict(zip(sample_ids, split_list)), content_hashes=hashes, modalities=modalities,
-                   written=written, bad=[], pseudonym_key="none (phantoms carry no identifiers)")
+    return write_dataset(dataset_uri, samples(), cfg, (1, *first.array.shape),
+                         pseudonym_key="none (phantoms carry no identifiers)")

@@ -1,0 +1,105 @@
+"""Ingest and streaming throughput (issue 2): figures for docs/benchmarks.md.
+
+1. Ingest throughput (images/s, input MB/s) of real files through the Ray Data ingest, 2D (PNG) and 3D (NIfTI).
+2. Streaming read throughput of the resulting shards through Ray Data (``open_split``, no augmentation, batches
+   materialised as numpy) against reading the same shards directly with pyarrow, same run.
+
+    .venv/bin/python benchmarks/ingest.py [--quick] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raymem import config, runtime
+from raymem.data import phantoms, shards
+from raymem.data.ingest import ingest
+from raymem.data.stream import open_split
+
+
+def _folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def bench_ingest(work: Path, kind: str, patients: int, per_patient: int, size: int, file_format: str) -> dict:
+    raw = work / f"raw-{kind}"
+    phantoms.write_files(str(raw), kind, patients=patients, images_per_patient=per_patient, size=size, seed=0,
+                         file_format=file_format, progress=False)
+    n_images = patients * per_patient
+    spatial_dims = 2 if kind == "xray2d" else 3
+    cfg = config.validate(config.IngestConfig, {"spatial_dims": spatial_dims, "size": size})
+    started = time.perf_counter()
+    summary = ingest(str(raw), str(work / f"ds-{kind}"), cfg)
+    seconds = time.perf_counter() - started
+    assert summary.ingested == n_images, summary
+    mb = _folder_bytes(raw) / 1e6
+    return {"kind": kind, "format": file_format, "images": n_images, "shape": list(summary.image_shape),
+            "seconds": seconds, "images_per_s": n_images / seconds, "input_mb_per_s": mb / seconds}
+
+
+def bench_stream(dataset: Path, repeats: int = 3) -> dict:
+    manifest = shards.read_manifest(str(dataset))
+    n = manifest["splits"]["train"]["images"]
+    image_bytes = int(np.prod(manifest["image_shape"])) * np.dtype(manifest["dtype"]).itemsize
+
+    def direct() -> int:
+        return sum(len(shards.images_of(b)) for b in shards.iter_split(str(dataset), "train", ["image"], 1024))
+
+    def through_ray() -> int:
+        ds = open_split(str(dataset), "train")
+        return sum(len(b["image"]) for b in ds.iter_batches(batch_size=1024, batch_format="numpy"))
+
+    timings = {}
+    for name, fn in (("pyarrow", direct), ("ray_data", through_ray)):
+        fn()  # warm-up: file cache, Ray workers
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            assert fn() == n
+            best = min(best, time.perf_counter() - started)
+        timings[name] = {"seconds": best, "images_per_s": n / best, "mb_per_s": n * image_bytes / best / 1e6}
+    return {"images": n, **timings, "ray_over_pyarrow": timings["ray_data"]["images_per_s"]
+            / timings["pyarrow"]["images_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", help="write the figures as JSON here too")
+    args = parser.parse_args()
+    runtime.init_ray()
+    scale = 0.1 if args.quick else 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "ingest_2d": bench_ingest(work, "xray2d", int(500 * scale), 4, 64, "png"),
+            "ingest_3d": bench_ingest(work, "ct3d", int(100 * scale), 1, 64, "nifti"),
+        }
+        results["stream_2d"] = bench_stream(work / "ds-xray2d")
+        results["stream_3d"] = bench_stream(work / "ds-ct3d")
+    print("| figure | value |\n|---|---|")
+    for key in ("ingest_2d", "ingest_3d"):
+        r = results[key]
+        print(f"| ingest {r['kind']} {r['format']} {r['shape']} ({r['images']} images) | "
+              f"{r['images_per_s']:.1f} images/s, {r['input_mb_per_s']:.2f} input MB/s |")
+    for key in ("stream_2d", "stream_3d"):
+        r = results[key]
+        print(f"| {key} pyarrow direct | {r['pyarrow']['images_per_s']:.0f} images/s "
+              f"({r['pyarrow']['mb_per_s']:.0f} MB/s) |")
+        print(f"| {key} Ray Data open_split | {r['ray_data']['images_per_s']:.0f} images/s "
+              f"({r['ray_data']['mb_per_s']:.0f} MB/s); ratio {r['ray_over_pyarrow']:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
