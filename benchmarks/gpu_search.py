@@ -8,7 +8,7 @@ top-1 in both directions against a float64 brute force.
 
 Needs only torch (+ triton for the Triton variants); no Ray, no network. From the repository root:
 
-    python benchmarks/gpu_search.py --out gpu_search.json      # GPU, n = m = 65,536, a few minutes
+    python benchmarks/gpu_search.py --out gpu_search.json      # GPU, n = m = 65,536, under 170 s
     python benchmarks/gpu_search.py --quick --device cpu       # tiny dry run, Triton interpreted
 
 Variants ("exact" says what the top-k ranking rests on):
@@ -28,16 +28,22 @@ Top-1 columns count, over the n queries (row) and m references (col): identical 
 different but within float32 rounding of the float64 best (|gap| <= 2 * d * 2**-24, exact ties
 within rounding), and other mismatches (real errors for the exact variants).
 
-Each variant runs with raymem's default tiling first, for every d; the other tilings (and the
-torch method) follow while time is left (--max-seconds). A variant that fails is reported with
-its error and the others still run; the JSON (--out) is rewritten after every variant, so a
-cut-off run keeps what it measured. On CPU, Triton's interpreter (3.9) multiplies bfloat16 blocks
-as raw integers, so the bf16 rows of a CPU dry run show mismatches that a GPU does not have.
+Order: a first pass measures, for every d, the baselines and raymem's default tiling of each fused
+precision; a second pass runs the other variants (mm_reduce, torch, extra tilings) while time is
+left. Variants run one at a time in a worker process (spawned, so a Triton compile or a kernel that
+hangs cannot stall this one): a variant with no result within --variant-timeout is recorded as a
+timeout, its worker is killed and a fresh one takes the next variant; a worker is also replaced
+after any error, since a CUDA error leaves its context unusable. The whole run stops at
+--max-seconds. Every row is printed to stdout as a markdown table row when it is measured, and the
+JSON (--out) is rewritten after every variant with the full error text of failures, so a cut-off
+run keeps what it measured. On CPU, Triton's interpreter (3.9) multiplies bfloat16 blocks as raw
+integers, so the bf16 rows of a CPU dry run show mismatches that a GPU does not have.
 """
 
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -53,6 +59,7 @@ import torch  # noqa: E402
 CHUNK_BYTES = 2**30  # scores held at once by the chunked baselines and the float64 reference
 TARGET_SECONDS_PER_VARIANT = 0.4  # timed repetitions fill about this long
 PLANTED_COPY_FRACTION = 0.01  # share of references that are noisy copies of queries, as memorised samples
+ERROR_LINES_KEPT = 15  # lines of each error in the chain kept at the start, and again at the end, in the JSON
 
 
 @dataclass
@@ -72,13 +79,18 @@ class Row:
     col_top1: dict = field(default_factory=dict)
     error: str | None = None
 
+    def error_summary(self) -> str:
+        """The error's last line (for a chain, the innermost cause's message), for one table cell."""
+        lines = [line.strip() for line in (self.error or "").splitlines() if line.strip()]
+        return lines[-1].replace("|", "/") if lines else ""
+
 
 @dataclass
 class Variant:
     name: str
     exact: str
     baseline: str  # the mm baseline of the same precision
-    first_pass: bool  # run in the first pass over all d; the rest (extra tilings) only while time is left
+    first_pass: bool  # run in the first pass over all d; the rest only while time is left
     run: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor] | None]
 
 
@@ -91,7 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="default 32 128 512 (quick: 32 72)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--only", nargs="+", default=None, help="run only variants whose name contains one of these")
-    parser.add_argument("--max-seconds", type=float, default=210, help="start no variant after this long (default 210)")
+    parser.add_argument("--max-seconds", type=float, default=170, help="stop the run after this long (default 170)")
+    parser.add_argument(
+        "--variant-timeout", type=float, default=30, help="seconds one variant may take, compile and check included (default 30)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -200,50 +215,60 @@ def library_variant(gpu, **options) -> Callable:
     return run
 
 
+def tiling_label(tiling) -> str:
+    groups = "" if tiling.column_groups is None else f" g{tiling.column_groups}"
+    return f"{tiling.block_rows}x{tiling.block_cols}x{tiling.block_depth} w{tiling.num_warps} s{tiling.num_stages}{groups}"
+
+
 def variants(gpu, quick: bool, triton_available: bool) -> list[Variant]:
-    """Every variant, in the order of the table; first_pass marks those measured for every d first."""
+    """Every variant, in the order they run within a pass; first_pass marks those measured for every d first."""
     listed = [
         Variant("mm fp32", "baseline", "ieee", True, mm_baseline("ieee")),
         Variant("mm tf32", "baseline", "tf32", True, mm_baseline("tf32")),
         Variant("mm bf16", "baseline", "bf16", True, mm_baseline("bf16")),
         Variant("naive mm+topk", "exact fp32, ties unordered", "ieee", True, naive_topk),
-        Variant("torch", "exact fp32", "ieee", False, library_variant(gpu, method="torch")),
     ]
-    if not triton_available:
-        return listed
+    if triton_available:
+        listed += triton_variants(gpu, quick)
+    return listed + [Variant("torch", "exact fp32", "ieee", False, library_variant(gpu, method="torch"))]
+
+
+def triton_variants(gpu, quick: bool) -> list[Variant]:
+    """Each fused precision's default tiling (first pass, best-known first), then mm_reduce and the extra tilings."""
     tiling = gpu.TritonTiling
     if quick:
         small = tiling(32, 32, 32, num_warps=4, num_stages=2)
-        extra_tilings = {("fused", "ieee"): [small], ("fused", "tf32x3"): [small], ("mm_reduce", "ieee"): [small]}
+        extra_tilings = {("fused", "tf32x3"): [small], ("fused", "ieee"): [small]}
     else:
+        # d = 32 is bound by the in-register reduction, not the dot: smaller tiles and one warpgroup
+        # did best there (tf32x3 64x64x32 w4 s3: 52 % of mm vs 43 % for the default), but that
+        # tiling hung on an H200 with Triton 3.6 at d = 128 (depth loop), so it is left out here.
         extra_tilings = {
-            ("mm_reduce", "ieee"): [tiling(128, 128, 8, num_warps=8, num_stages=2)],
-            ("fused", "ieee"): [
-                tiling(64, 128, 8, num_warps=4, num_stages=3),
-                tiling(128, 64, 8, num_warps=4, num_stages=3),
-                tiling(64, 64, 8, num_warps=4, num_stages=2),
-                tiling(128, 128, 16, num_warps=8, num_stages=3),
-                tiling(128, 128, 8, num_warps=8, num_stages=1),  # unpipelined
+            ("fused", "tf32x3"): [
+                tiling(64, 64, 32, num_warps=4, num_stages=2),
+                tiling(128, 64, 32, num_warps=8, num_stages=3, column_groups=8),
+                tiling(128, 128, 32, num_warps=8, num_stages=3),
             ],
-            ("fused", "tf32x3"): [tiling(64, 64, 32, num_warps=4, num_stages=3), tiling(128, 128, 32, num_warps=8, num_stages=3)],
+            ("fused", "ieee"): [
+                tiling(64, 64, 16, num_warps=4, num_stages=2),
+                tiling(128, 64, 16, num_warps=8, num_stages=3),
+                tiling(64, 128, 16, num_warps=4, num_stages=3),
+            ],
         }
     exactness = {"ieee": "exact fp32", "tf32x3": "fp32-level (3xTF32)", "tf32": "approx, fp32 re-scored", "bf16": "approx, fp32 re-scored"}
-
-    def label(t) -> str:
-        return f"{t.block_rows}x{t.block_cols}x{t.block_depth} w{t.num_warps} s{t.num_stages}"
-
-    for method, precision in gpu.DEFAULT_TILINGS:
-        baseline = precision if precision in ("tf32", "bf16") else "ieee"
+    first, extra = [], []
+    for method, precision in [("fused", "tf32x3"), ("fused", "ieee"), ("fused", "tf32"), ("fused", "bf16"), ("mm_reduce", "ieee")]:
         name = f"{method} {precision}"
-        default = gpu.DEFAULT_TILINGS[method, precision]
-        options = {"method": method} if method == "mm_reduce" else {"method": method, "precision": precision}
-        listed.append(Variant(f"{name} {label(default)}", exactness[precision], baseline, True, library_variant(gpu, **options)))
+        baseline = precision if precision in ("tf32", "bf16") else "ieee"
+        options = {"method": method, "precision": precision}
+        default = Variant(
+            f"{name} {tiling_label(gpu.DEFAULT_TILINGS[method, precision])}",
+            exactness[precision], baseline, method == "fused", library_variant(gpu, **options),
+        )
+        (first if default.first_pass else extra).append(default)
         for t in extra_tilings.get((method, precision), []):
-            listed.append(Variant(f"{name} {label(t)}", exactness[precision], baseline, False, library_variant(gpu, **options, tiling=t)))
-    # Chunks of 2**23 scores (32 MiB) may stay in L2 between the mm and the reduction.
-    run = library_variant(gpu, method="mm_reduce", max_scores_in_memory=2**23)
-    listed.append(Variant("mm_reduce ieee default, 32 MiB chunks", "exact fp32", "ieee", False, run))
-    return listed
+            extra.append(Variant(f"{name} {tiling_label(t)}", exactness[precision], baseline, False, library_variant(gpu, **options, tiling=t)))
+    return first + extra
 
 
 def float64_top1(queries: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,40 +300,139 @@ def agreement(found: torch.Tensor, expected: torch.Tensor, pair_scores: Callable
 
 @dataclass
 class Problem:
-    """One d: the embeddings, their float64 top-1 both ways, and the mm baselines measured so far."""
+    """One d: the embeddings and their float64 top-1 both ways."""
 
     queries: torch.Tensor
     references: torch.Tensor
     top1: tuple[torch.Tensor, torch.Tensor]
-    baselines: dict = field(default_factory=dict)
 
     def pair_scores(self, query_rows: torch.Tensor, reference_rows: torch.Tensor) -> torch.Tensor:
         return (self.queries[query_rows].double() * self.references[reference_rows].double()).sum(dim=1)
 
 
-def run_variant(variant: Variant, problem: Problem, k: int, device: torch.device) -> Row:
-    (n, d), m = problem.queries.shape, problem.references.shape[0]
-    row = Row(variant.name, variant.exact, d, n, m, k)
-    try:
-        row.ms, found = time_ms(lambda: variant.run(problem.queries, problem.references, k), device)
-        row.pairs_per_s = n * m / (row.ms / 1e3)
-        if found is not None:
-            tolerance = 2 * d * 2.0**-24  # float32 rounding bound of a unit-vector dot product, both scores
-            row.row_top1 = agreement(found[0], problem.top1[0], problem.pair_scores, tolerance)
-            row.col_top1 = agreement(found[1], problem.top1[1], lambda j, i: problem.pair_scores(i, j), tolerance)
-    except Exception as error:  # report the failure, keep benchmarking the other variants
+def describe_error(error: BaseException) -> str:
+    """The error and the chain of its causes, each as its type and message; a long message keeps its
+    first and last ERROR_LINES_KEPT lines (a Triton CompilationError points at the failing line at its end)."""
+    parts = []
+    while error is not None and len(parts) < 8:
         lines = str(error).strip().splitlines()
-        row.error = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+        if len(lines) > 2 * ERROR_LINES_KEPT:
+            lines = lines[:ERROR_LINES_KEPT] + ["..."] + lines[-ERROR_LINES_KEPT:]
+        parts.append("\n".join([f"{type(error).__name__}:", *lines]))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return "\ncaused by ".join(parts)
+
+
+def measure(variant: Variant, problem: Callable[[], Problem], k: int, device: torch.device) -> dict:
+    """Milliseconds per call and top-1 agreement with float64 of one variant, or its error (full chain)."""
+    try:
+        built = problem()
+        ms, found = time_ms(lambda: variant.run(built.queries, built.references, k), device)
+        if found is None:
+            return {"ms": ms}
+        d = built.queries.shape[1]
+        tolerance = 2 * d * 2.0**-24  # float32 rounding bound of a unit-vector dot product, both scores
+        return {
+            "ms": ms,
+            "row_top1": agreement(found[0], built.top1[0], built.pair_scores, tolerance),
+            "col_top1": agreement(found[1], built.top1[1], lambda j, i: built.pair_scores(i, j), tolerance),
+        }
+    except Exception as error:  # reported in the row; the worker is replaced and the run goes on
+        return {"error": describe_error(error)}
+
+
+def worker_main(connection, settings: dict) -> None:
+    """Worker process: sends its machine header, then answers (d, variant name) requests with
+    `measure` results until it receives None. Embeddings and float64 top-1 are built once per d."""
+    device = torch.device(settings["device"])
+    from raymem.search import gpu
+
+    listed = {v.name: v for v in variants(gpu, settings["quick"], gpu.triton_runs_on(device))}
+    connection.send(
+        {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "triton": gpu.triton.__version__ if gpu.triton is not None else "not installed",
+            "cuda": torch.version.cuda,
+        }
+    )
+    problems = {}
+
+    def problem_for(d: int) -> Problem:
+        if d not in problems:
+            queries, references = embeddings(settings["n"], settings["m"], d, device)
+            problems[d] = Problem(queries, references, float64_top1(queries, references))
+        return problems[d]
+
+    while (request := connection.recv()) is not None:
+        d, name = request
+        connection.send(measure(listed[name], lambda: problem_for(d), settings["k"], device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if variant.exact == "baseline" and row.pairs_per_s:
-        problem.baselines[variant.baseline] = row.pairs_per_s
-    row.mm_pairs_per_s = problem.baselines.get("ieee")
-    if row.pairs_per_s and row.mm_pairs_per_s:
+
+
+class Worker:
+    """The one spawned worker process, started when needed; killed after a timeout, a crash or an error."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.process = None
+        self.connection = None
+        self.header = None
+
+    def request(self, d: int, variant: Variant, timeout_s: float) -> dict:
+        """`measure` result of one variant at d, or {"error": ...} for a timeout or a dead worker."""
+        started = time.perf_counter()
+        try:
+            if self.process is None:
+                self.start(timeout_s)
+            self.connection.send((d, variant.name))
+            result = self.receive(timeout_s - (time.perf_counter() - started))
+        except TimeoutError:
+            self.stop()
+            return {"error": f"timeout: no result within {timeout_s:.0f} s (--variant-timeout or --max-seconds); worker killed"}
+        except (EOFError, OSError):
+            return {"error": f"worker died (exit code {self.stop()}) while running this variant"}
+        if "error" in result:
+            self.stop()
+        return result
+
+    def start(self, timeout_s: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=worker_main, args=(child_end, self.settings), daemon=True)
+        self.process.start()
+        child_end.close()
+        self.header = self.receive(timeout_s)
+
+    def receive(self, timeout_s: float):
+        if not self.connection.poll(max(0.0, timeout_s)):
+            raise TimeoutError
+        return self.connection.recv()  # EOFError if the worker died
+
+    def stop(self) -> int | None:
+        """Kill the worker (a hung kernel ignores anything gentler); returns its exit code."""
+        if self.process is None:
+            return None
+        self.process.kill()
+        self.process.join()
+        self.connection.close()
+        code, self.process, self.connection = self.process.exitcode, None, None
+        return code
+
+
+def add_rates(row: Row, variant: Variant, baselines: dict) -> None:
+    """pairs/s and % of the mm baselines measured so far at the row's d; a baseline row records itself."""
+    if row.ms is None:
+        return
+    row.pairs_per_s = row.n * row.m / (row.ms / 1e3)
+    if variant.exact == "baseline":
+        baselines[row.d, variant.baseline] = row.pairs_per_s
+    row.mm_pairs_per_s = baselines.get((row.d, "ieee"))
+    if row.mm_pairs_per_s:
         row.pct_of_mm = 100 * row.pairs_per_s / row.mm_pairs_per_s
-    if row.pairs_per_s and problem.baselines.get(variant.baseline):
-        row.pct_of_own_mm = 100 * row.pairs_per_s / problem.baselines[variant.baseline]
-    return row
+    if baselines.get((row.d, variant.baseline)):
+        row.pct_of_own_mm = 100 * row.pairs_per_s / baselines[row.d, variant.baseline]
 
 
 def top1_cell(counts: dict) -> str:
@@ -319,76 +443,88 @@ def number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def markdown(rows: list[Row], header: dict) -> str:
-    lines = [
-        f"card: {header['device']}; torch {header['torch']}; triton {header['triton']}; CUDA {header['cuda']}",
-        "",
-        "| variant | exact | n | m | d | k | ms | pairs/s | mm fp32 pairs/s | % of mm | % of own mm "
-        "| row top-1 same/rounding/other | col top-1 same/rounding/other | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.variant} | {r.exact} | {r.n} | {r.m} | {r.d} | {r.k} | {number(r.ms, '.2f')} | {number(r.pairs_per_s, '.3e')} "
-            f"| {number(r.mm_pairs_per_s, '.3e')} | {number(r.pct_of_mm, '.1f')} | {number(r.pct_of_own_mm, '.1f')} "
-            f"| {top1_cell(r.row_top1)} | {top1_cell(r.col_top1)} | {r.error or ''} |"
-        )
-    lines.append("")
+TABLE_HEADER = (
+    "| variant | exact | n | m | d | k | ms | pairs/s | mm fp32 pairs/s | % of mm | % of own mm "
+    "| row top-1 same/rounding/other | col top-1 same/rounding/other | error |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(r: Row) -> str:
+    return (
+        f"| {r.variant} | {r.exact} | {r.n} | {r.m} | {r.d} | {r.k} | {number(r.ms, '.2f')} | {number(r.pairs_per_s, '.3e')} "
+        f"| {number(r.mm_pairs_per_s, '.3e')} | {number(r.pct_of_mm, '.1f')} | {number(r.pct_of_own_mm, '.1f')} "
+        f"| {top1_cell(r.row_top1)} | {top1_cell(r.col_top1)} | {r.error_summary()} |"
+    )
+
+
+def fastest_lines(rows: list[Row]) -> list[str]:
+    lines = []
     for d in sorted({r.d for r in rows}):
         for kind in ("exact fp32", "fp32-level (3xTF32)"):
             measured = [r for r in rows if r.d == d and r.exact == kind and r.pct_of_mm]
             if measured:
                 best = max(measured, key=lambda r: r.pct_of_mm)
                 lines.append(f"d={d}: fastest {kind} variant: {best.variant}, {best.pct_of_mm:.1f} % of mm fp32")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
     args = parse_args()
+    started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before raymem.search.gpu decorates its kernels
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before raymem.search.gpu decorates its kernels (here and in workers)
     from raymem.search import gpu
 
     n = args.n or (192 if args.quick else 65536)
-    m = args.m or n
+    settings = {"quick": args.quick, "device": args.device, "n": n, "m": args.m or n, "k": args.k}
     dims = args.dims or ([32, 72] if args.quick else [32, 128, 512])
     listed = variants(gpu, args.quick, gpu.triton_runs_on(device))
     if args.only:
         listed = [v for v in listed if any(word in v.name for word in args.only)]
-    header = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": gpu.triton.__version__ if gpu.triton is not None else "not installed",
-        "cuda": torch.version.cuda,
-        "args": {key: str(value) for key, value in vars(args).items()},
-    }
-    started = time.perf_counter()
-    problems = {}
-    for d in dims:
-        queries, references = embeddings(n, m, d, device)
-        problems[d] = Problem(queries, references, float64_top1(queries, references))
+    worker = Worker(settings)
+    try:
+        worker.start(args.variant_timeout)
+    except (TimeoutError, EOFError) as error:
+        worker.stop()
+        raise SystemExit(
+            f"the benchmark worker on {args.device} did not start within {args.variant_timeout:g} s ({type(error).__name__}); "
+            "see its error above, or raise --variant-timeout"
+        )
+    header = {**worker.header, "args": {key: str(value) for key, value in vars(args).items()}}
+    print(f"card: {header['device']}; torch {header['torch']}; triton {header['triton']}; CUDA {header['cuda']}\n", flush=True)
+    print(TABLE_HEADER, flush=True)
+    deadline = started + args.max_seconds
     rows: dict[tuple[int, int], Row] = {}
+    baselines: dict[tuple[int, str], float] = {}
     for first_pass in (True, False):
         for d in dims:
             for order, variant in enumerate(listed):
                 if variant.first_pass != first_pass:
                     continue
-                if time.perf_counter() - started > args.max_seconds:
-                    row = Row(variant.name, variant.exact, d, n, m, args.k, error=f"not run: past --max-seconds {args.max_seconds:g}")
+                row = Row(variant.name, variant.exact, d, settings["n"], settings["m"], args.k)
+                time_left = deadline - time.perf_counter()
+                if time_left <= 0:
+                    row.error = f"not run: past --max-seconds {args.max_seconds:g}"
                 else:
-                    row = run_variant(variant, problems[d], args.k, device)
+                    for key, value in worker.request(d, variant, min(args.variant_timeout, time_left)).items():
+                        setattr(row, key, value)
+                add_rates(row, variant, baselines)
                 rows[d, order] = row
+                print(table_row(row), flush=True)
                 print(
                     f"[{time.perf_counter() - started:6.1f}s] d={d} {row.variant}: {number(row.ms, '.2f')} ms, "
-                    f"{number(row.pct_of_mm, '.1f')} % of mm, row {top1_cell(row.row_top1)}, col {top1_cell(row.col_top1)} {row.error or ''}",
+                    f"{number(row.pct_of_mm, '.1f')} % of mm, row {top1_cell(row.row_top1)}, col {top1_cell(row.col_top1)} "
+                    f"{row.error_summary()}",
                     file=sys.stderr,
                     flush=True,
                 )
                 if args.out:
                     ordered = [rows[key] for key in sorted(rows)]
                     args.out.write_text(json.dumps({**header, "rows": [asdict(r) for r in ordered]}, indent=1))
-    print(markdown([rows[key] for key in sorted(rows)], header))
+    worker.stop()
+    print("\n" + "\n".join(fastest_lines(list(rows.values()))))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

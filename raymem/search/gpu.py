@@ -31,6 +31,19 @@ keeps ``RESCORED_CANDIDATES_PER_K * k`` candidates per query row, which are re-s
 and re-ranked; each reference row's single best candidate is re-scored (its score is then float32,
 its index may differ from the exact one where two query rows score within the low precision).
 
+What ``method="auto"`` picks, and its accuracy contract: on CUDA with triton, "fused" in
+``"tf32x3"``, measured on an H200 (Triton 3.6, n = m = 65,536 random unit rows with planted
+copies, benchmarks/gpu_search.py) at 43 %, 78 % and 93 % of the pair rate of a float32
+``torch.mm`` of the same shape at d = 32, 128 and 512; exact "fused" ieee reached 31 % and 40 %
+(d = 32, 128), chunked mm + ``torch.topk`` 16 %, 36 % and 62 %. tf32x3 scores differ from float32
+ones by float32 rounding, not more, so they are not bit-exact: against a float64 brute force its
+top-1 matched for all 65,536 query rows at every d, and for all but one reference row at d = 128
+and at d = 512, where the float64 best and the chosen row scored within float32 rounding
+(2 * d * 2**-24) of each other. The audit recomputes in float64 every score within 1e-3 of its
+threshold before deciding, far wider than that rounding, so no decision rests on the difference;
+callers that need bit-identical float32 ties pass ``precision="ieee"``. Elsewhere "auto" is
+"torch" (IEEE float32).
+
 Ordering: a score and an index are packed into one int64 key, ``order(score) << 32 | (2**31 - 1 -
 index)``, where ``order`` maps float32 bits to int32 monotonically (-0.0 counts as +0.0). A larger
 key is a higher score, or an equal score with a lower index, so one integer max or top-k applies the
@@ -78,8 +91,9 @@ class TritonTiling:
     """Tile shape and launch settings of the Triton kernel.
 
     block_rows, block_cols: query rows and reference rows per score tile (powers of two, >= 16).
-    block_depth: embedding dimensions per ``tl.dot`` step (power of two, >= 8; tensor cores want
-        >= 16 for bf16). An embedding that fits in one step, padded to at least 16, takes one.
+    block_depth: embedding dimensions per ``tl.dot`` step (power of two, >= 16: Triton before 3.9
+        rejects a ``tl.dot`` over fewer than 16). An embedding that fits in one step, padded to at
+        least 16, takes one.
     column_groups: how many programs share one strip of query rows, each walking its own range of
         reference rows; None picks enough to give every SM ``PROGRAMS_PER_SM`` programs.
     """
@@ -92,20 +106,21 @@ class TritonTiling:
     column_groups: int | None = None
 
     def __post_init__(self):
-        for name, smallest in (("block_rows", 16), ("block_cols", 16), ("block_depth", 8)):
+        for name, smallest in (("block_rows", 16), ("block_cols", 16), ("block_depth", 16)):
             size = getattr(self, name)
             if size < smallest or size & (size - 1):
                 raise ValueError(f"TritonTiling.{name}={size}; give a power of two of at least {smallest}")
 
 
-# Chosen so that the sm_90 build neither spills registers nor loses software pipelining. The FMA
-# dot (ieee) holds a whole depth step of both operands in registers, hence its short steps.
+# The fastest that compiled on an H200 with Triton 3.6 (benchmarks/gpu_search.py). The FMA dot
+# (ieee) holds a whole depth step of both operands in registers, hence its short steps.
+# "mm_reduce" reads scores from memory, so its block_depth is unused.
 DEFAULT_TILINGS = {
-    ("fused", "ieee"): TritonTiling(128, 128, 8, num_warps=8, num_stages=3),
+    ("fused", "ieee"): TritonTiling(128, 128, 16, num_warps=8, num_stages=3),
     ("fused", "tf32x3"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("fused", "tf32"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("fused", "bf16"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
-    ("mm_reduce", "ieee"): TritonTiling(64, 128, 8, num_warps=4, num_stages=2),
+    ("mm_reduce", "ieee"): TritonTiling(64, 128, 16, num_warps=4, num_stages=2),
 }
 
 
@@ -115,7 +130,7 @@ def topk_both_ways(
     k: int = 5,
     *,
     method: str = "auto",
-    precision: str = "ieee",
+    precision: str | None = None,
     tiling: TritonTiling | None = None,
     max_scores_in_memory: int = 2**26,
 ) -> BothWaysTopK:
@@ -124,13 +139,17 @@ def topk_both_ways(
     a: (n, d) float32 query rows (synthetic samples), b: (m, d) float32 reference rows (training
     samples), on the same device, each row centred and L2-normalised by the caller
     (raymem.search.kernel.standardize). k: neighbours per A row, 1 <= k <= m.
-    method: one of METHODS; "auto" is "fused" for CUDA tensors when triton is installed, else "torch".
-    precision: one of PRECISIONS, for the Triton methods ("mm_reduce" and "torch" are IEEE float32).
+    method: one of METHODS; "auto" is "fused" for CUDA tensors when triton is installed, else "torch"
+        (see the module docstring for what it measured and its accuracy).
+    precision: one of PRECISIONS, for "fused" ("mm_reduce" and "torch" are IEEE float32); None is
+        "tf32x3" for "fused" (float32-level, not bit-exact) and "ieee" for the others.
     tiling: Triton tile shape; None takes DEFAULT_TILINGS[method, precision].
     max_scores_in_memory: float32 scores "mm_reduce" and "torch" hold at once (one chunk).
     """
     _check_inputs(a, b, k)
     method = _resolve_method(method, a.device)
+    if precision is None:
+        precision = "tf32x3" if method == "fused" else "ieee"
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     if method != "fused" and precision != "ieee":

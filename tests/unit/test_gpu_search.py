@@ -25,7 +25,7 @@ IMPLEMENTATIONS = [
 ]
 if gpu.triton_runs_on(DEVICE):
     IMPLEMENTATIONS += [
-        pytest.param({"method": "fused", "tiling": SMALL_TILES}, id="fused-ieee"),
+        pytest.param({"method": "fused", "precision": "ieee", "tiling": SMALL_TILES}, id="fused-ieee"),
         pytest.param({"method": "fused", "precision": "tf32x3", "tiling": SMALL_TILES}, id="fused-tf32x3"),
         pytest.param({"method": "fused", "precision": "tf32", "tiling": SMALL_TILES}, id="fused-tf32-rescored"),
         pytest.param({"method": "mm_reduce", "tiling": SMALL_TILES, "max_scores_in_memory": 20 * 48}, id="mm_reduce"),
@@ -103,6 +103,12 @@ def test_k_above_the_number_of_b_rows_is_rejected():
 
     with pytest.raises(ValueError, match="k=9"):
         gpu.topk_both_ways(queries, references, k=9)
+
+
+def test_a_dot_step_shorter_than_16_dims_is_rejected():
+    # Triton before 3.9 cannot compile a tl.dot over fewer than 16 dims.
+    with pytest.raises(ValueError, match="block_depth=8"):
+        gpu.TritonTiling(block_rows=64, block_cols=64, block_depth=8, num_warps=4, num_stages=2)
 
 
 def test_reduced_precision_needs_the_fused_method():
