@@ -11,7 +11,6 @@ import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, RandFlip, RandRotate
 
 _LINEAR_MODES = {2: "bilinear", 3: "trilinear"}
 
@@ -109,6 +108,9 @@ def make_augment(
     own input range. The same ``seed`` gives the same sequence of augmentations.
     """
     assert spatial_dims in (2, 3), spatial_dims
+    # Imported here: MONAI takes seconds to import, which every ingest worker would otherwise pay.
+    from monai.transforms import Compose, RandFlip, RandRotate
+
     augment_sample = Compose(
         [
             RandFlip(prob=flip_prob, spatial_axis=spatial_dims - 1),
