@@ -1,0 +1,432 @@
+"""The audit's science: thresholds, calibration, memorization and copy figures, ground-truth scoring (numpy only).
+
+Inputs are nearest-neighbour results of the all-pairs search (raymem.search): float32 scores, which are exact to
+well within ``DECISION_BAND``. Every decision whose score lies within ``DECISION_BAND`` of a threshold, and every
+score that decides a threshold, is recomputed in float64 first (``Neighbours.refine_near``), so the figures are
+those of a float64 computation.
+
+Definitions (Dar et al., PAPER.md): a training sample is *memorized* when some synthetic sample correlates with
+it strictly above the threshold; a synthetic sample is a *copy* when its best training match does; a training
+patient is memorized when any of their training samples is.
+
+Calibrations:
+
+- ``"paper"``: tau = numpy.percentile(nn, P) over nn = each training sample's best correlation with any
+  validation sample; one tau for copies and memorized samples. A synthetic sample's score is a maximum over
+  n_train candidates while nn is a maximum over n_val, so when n_train > n_val novel samples exceed tau far
+  more often than 1 - P/100.
+- ``"matched"``: copies use tau = percentile P of each validation sample's best correlation with the training set
+  (the candidate set synthetic samples are searched in). Memorized samples use the threshold that the maximum of
+  m = n_synthetic novel single-pair correlations exceeds with probability 1 - P/100: 1 - F(t)^m = 1 - P/100, i.e.
+  t = numpy.quantile(all train x validation pair correlations, (P/100) ** (1/m)) (linear interpolation).
+
+Both are reported in every audit, with the false-positive rate of each measured on held-out real samples: the
+validation set is split in two by patient, each half calibrates, the other half is scored as if it were the
+synthetic set, and the two rates are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+DECISION_BAND = 1e-3  # scores this close to a threshold are recomputed in float64 before a decision
+SUMMARY_PERCENTILES = (50, 75, 90, 95, 99)
+CALIBRATIONS = ("paper", "matched")
+
+# rows (r,) -> float64 scores (r, k) and indices (r, k): a float64 top-k search of those query rows
+RowRecompute = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (rows (t,), cols (t,)) -> float64 scores (t,) of those pairs
+PairRecompute = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class Neighbours:
+    """Each query sample's best reference samples: scores (q, k) float64, indices (q, k) int64, best first.
+
+    Scores start as the float32 search scores; ``refine`` replaces a row by its float64 top-k (``exact`` marks
+    those rows). Refinement happens in place, so every figure computed later sees the exact rows.
+    """
+
+    def __init__(self, scores: np.ndarray, indices: np.ndarray, recompute: RowRecompute):
+        self.scores = np.asarray(scores, dtype=np.float64).copy()
+        self.indices = np.asarray(indices, dtype=np.int64).copy()
+        self.exact = np.zeros(len(self.scores), dtype=bool)
+        self._recompute = recompute
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def best(self) -> np.ndarray:
+        """(q,) each query's best score."""
+        return self.scores[:, 0]
+
+    @property
+    def best_index(self) -> np.ndarray:
+        """(q,) each query's best reference index."""
+        return self.indices[:, 0]
+
+    def refine(self, rows: np.ndarray) -> None:
+        """Recompute the given query rows in float64 (rows already exact are skipped)."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = rows[~self.exact[rows]]
+        if len(rows) == 0:
+            return
+        scores, indices = self._recompute(rows)
+        self.scores[rows], self.indices[rows] = scores, indices
+        self.exact[rows] = True
+
+    def refine_near(self, values: Sequence[float], band: float = DECISION_BAND) -> None:
+        """Recompute every row whose best score lies within band of any of the values."""
+        best = self.best
+        near = np.zeros(len(best), dtype=bool)
+        for value in values:
+            near |= np.abs(best - value) <= band
+        self.refine(np.flatnonzero(near))
+
+    def exceeds(self, threshold: float) -> np.ndarray:
+        """(q,) bool: best score strictly greater than threshold, decided in float64 near it."""
+        self.refine_near([threshold])
+        return self.best > threshold
+
+
+def best_of(first: Neighbours, second: Neighbours) -> Neighbours:
+    """Each query's best match over two disjoint reference sets (indices already in one index space).
+
+    Ties go to the lower index. Refining the result refines the rows in both parts.
+    """
+
+    def pick(scores_1, indices_1, scores_2, indices_2):
+        second_wins = (scores_2 > scores_1) | ((scores_2 == scores_1) & (indices_2 < indices_1))
+        return np.where(second_wins, scores_2, scores_1), np.where(second_wins, indices_2, indices_1)
+
+    def recompute(rows):
+        first.refine(rows)
+        second.refine(rows)
+        scores, indices = pick(first.scores[rows, :1], first.indices[rows, :1], second.scores[rows, :1],
+                               second.indices[rows, :1])
+        return scores, indices
+
+    scores, indices = pick(first.scores[:, :1], first.indices[:, :1], second.scores[:, :1], second.indices[:, :1])
+    return Neighbours(scores, indices, recompute)
+
+
+def concatenate(parts: Sequence[Neighbours]) -> Neighbours:
+    """The queries of several Neighbours one after another (best match only); refining refines the parts."""
+    starts = np.cumsum([0] + [len(part) for part in parts])
+
+    def recompute(rows):
+        scores, indices = np.empty((len(rows), 1)), np.empty((len(rows), 1), dtype=np.int64)
+        for part, start, stop in zip(parts, starts[:-1], starts[1:]):
+            mine = (rows >= start) & (rows < stop)
+            part.refine(rows[mine] - start)
+            scores[mine], indices[mine] = part.scores[rows[mine] - start, :1], part.indices[rows[mine] - start, :1]
+        return scores, indices
+
+    return Neighbours(
+        np.concatenate([part.scores[:, :1] for part in parts]),
+        np.concatenate([part.indices[:, :1] for part in parts]),
+        recompute,
+    )
+
+
+def percentile_threshold(null: Neighbours, percentile: float) -> float:
+    """numpy.percentile(null best scores, percentile) (linear), with the scores that decide it in float64.
+
+    The rows near the provisional value and near the two order statistics it interpolates are refined until the
+    order statistics themselves are exact rows (their rank cannot change after that: every score within
+    DECISION_BAND of them is exact and float32 errors are far smaller).
+    """
+    assert len(null) > 0
+    position = percentile / 100 * (len(null) - 1)
+    while True:
+        order = np.argsort(null.best, kind="stable")
+        deciding = order[[math.floor(position), math.ceil(position)]]
+        if null.exact[deciding].all():
+            return float(np.percentile(null.best, percentile))
+        null.refine_near([float(np.percentile(null.best, percentile)), *null.best[deciding]])
+
+
+@dataclass
+class TopPairs:
+    """The largest pair scores of an n x m search (see raymem.search.kernel.search, top_pairs), best first.
+
+    scores (t,) float64, rows (t,) and cols (t,) int64; n_pairs = n * m; recompute gives float64 pair scores.
+    Holds at least the ``top_pairs_needed`` largest plus every pair within DECISION_BAND below the smallest of them.
+    """
+
+    scores: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    n_pairs: int
+    recompute: PairRecompute
+
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores, dtype=np.float64).copy()
+        self.exact = np.zeros(len(self.scores), dtype=bool)
+
+    def refine_near(self, values: Sequence[float], band: float = DECISION_BAND) -> None:
+        near = np.zeros(len(self.scores), dtype=bool)
+        for value in values:
+            near |= np.abs(self.scores - value) <= band
+        near &= ~self.exact
+        if near.any():
+            self.scores[near] = self.recompute(self.rows[near], self.cols[near])
+            self.exact[near] = True
+
+    def count_above(self, threshold: float) -> int:
+        """Pairs strictly above threshold (threshold must be at least the smallest kept score + DECISION_BAND)."""
+        self.refine_near([threshold])
+        return int((self.scores > threshold).sum())
+
+
+def union_pairs(parts: Sequence[TopPairs]) -> TopPairs:
+    """The pairs of several searches with the same rows and disjoint columns (cols already in one index space,
+    one shared recompute function); scores already refined stay exact."""
+    assert all(part.recompute is parts[0].recompute for part in parts)
+    union = TopPairs(
+        np.concatenate([part.scores for part in parts]),
+        np.concatenate([part.rows for part in parts]),
+        np.concatenate([part.cols for part in parts]),
+        sum(part.n_pairs for part in parts),
+        parts[0].recompute,
+    )
+    union.exact = np.concatenate([part.exact for part in parts])
+    return union
+
+
+def max_of_draws_quantile(percentile: float, n_draws: int) -> float:
+    """The single-pair quantile q with q ** n_draws = percentile / 100."""
+    return (percentile / 100) ** (1 / n_draws)
+
+
+def top_pairs_needed(n_pairs: int, percentile: float, n_draws: int) -> int:
+    """How many of the largest pair scores ``max_of_draws_threshold`` reads: those from the lower of the two order
+    statistics numpy's linear quantile interpolates, upward."""
+    position = max_of_draws_quantile(percentile, n_draws) * (n_pairs - 1)
+    return n_pairs - math.floor(position)
+
+
+def max_of_draws_threshold(pairs: TopPairs, percentile: float, n_draws: int) -> float:
+    """The threshold t with 1 - F(t) ** n_draws = 1 - percentile / 100, F the empirical distribution of all pair
+    scores: numpy.quantile(all pair scores, (percentile / 100) ** (1 / n_draws)), linear interpolation, computed
+    from the largest pairs only, with the deciding pairs in float64.
+    """
+    position = max_of_draws_quantile(percentile, n_draws) * (pairs.n_pairs - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, pairs.n_pairs - 1)
+    from_top = [pairs.n_pairs - 1 - lower, pairs.n_pairs - 1 - upper]
+    assert len(pairs.scores) > from_top[0], (len(pairs.scores), from_top)
+    while True:
+        order = np.argsort(-pairs.scores, kind="stable")
+        deciding = order[from_top]
+        low_value, high_value = pairs.scores[deciding]
+        if pairs.exact[deciding].all():
+            return float(_lerp(low_value, high_value, position - lower))
+        pairs.refine_near([low_value, high_value])
+
+
+def _lerp(low: float, high: float, fraction: float) -> float:
+    """numpy's linear interpolation between two order statistics (numpy.lib._function_base_impl._lerp)."""
+    difference = high - low
+    if fraction >= 0.5:
+        return high - difference * (1 - fraction)
+    return low + difference * fraction
+
+
+def summary(values: np.ndarray) -> dict[str, float]:
+    """Mean and SUMMARY_PERCENTILES (linear) of a score distribution."""
+    values = np.asarray(values, dtype=np.float64)
+    figures = {"mean": float(values.mean())}
+    figures.update({f"p{p}": float(np.percentile(values, p)) for p in SUMMARY_PERCENTILES})
+    return figures
+
+
+def percent(count: int | np.integer, total: int) -> float:
+    return 100.0 * float(count) / total if total else 0.0
+
+
+def split_by_patient(patient_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split validation rows in two halves that share no patient: patients in random order join the first half
+    until it holds at least half the rows. Returns the two halves' sorted row indices."""
+    patients, inverse = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    if len(patients) < 2:
+        raise ValueError("the validation set needs at least 2 patients: the false-positive rates are measured on "
+                         "held-out patients (validation split in two by patient)")
+    order = rng.permutation(len(patients))
+    rows_so_far = np.cumsum(np.bincount(inverse, minlength=len(patients))[order])
+    n_first = min(int(np.searchsorted(rows_so_far, len(inverse) / 2)) + 1, len(patients) - 1)
+    in_first = np.isin(inverse, order[:n_first])
+    return np.flatnonzero(in_first), np.flatnonzero(~in_first)
+
+
+@dataclass
+class NullSearch:
+    """Training samples against one validation half: train_to_val (n_train, 1) best validation match (indices in
+    the full validation set), val_to_train (n_half, 1) each half sample's best training match, pairs the largest
+    train x half pair scores."""
+
+    train_to_val: Neighbours
+    val_to_train: Neighbours
+    pairs: TopPairs
+
+
+@dataclass
+class Calibration:
+    """One calibration's thresholds and figures. fpr_* are fractions in 0-1, pct_* percentages in 0-100."""
+
+    name: str
+    threshold_copies: float
+    threshold_memorized: float
+    is_copy: np.ndarray  # (n_synthetic,) bool
+    is_memorized: np.ndarray  # (n_train,) bool
+    is_memorized_patient: np.ndarray  # (n_patients,) bool, patients in ``patients`` order
+    implied_fpr_copies: float
+    implied_fpr_memorized: float
+    measured_fpr_copies: float
+    measured_fpr_memorized: float
+
+    def figures(self) -> dict:
+        n_synthetic, n_train, n_patients = len(self.is_copy), len(self.is_memorized), len(self.is_memorized_patient)
+        return {
+            "threshold_copies": self.threshold_copies,
+            "threshold_memorized": self.threshold_memorized,
+            "n_memorized_train": int(self.is_memorized.sum()),
+            "pct_memorized_train": percent(self.is_memorized.sum(), n_train),
+            "n_copies": int(self.is_copy.sum()),
+            "pct_copies": percent(self.is_copy.sum(), n_synthetic),
+            "n_memorized_patients": int(self.is_memorized_patient.sum()),
+            "pct_memorized_patients": percent(self.is_memorized_patient.sum(), n_patients),
+            "implied_fpr_copies": self.implied_fpr_copies,
+            "implied_fpr_memorized": self.implied_fpr_memorized,
+            "measured_fpr_copies": self.measured_fpr_copies,
+            "measured_fpr_memorized": self.measured_fpr_memorized,
+        }
+
+
+def calibration_thresholds(name: str, halves: Sequence[NullSearch], percentile: float, n_synthetic: int):
+    """(threshold for copies, threshold for memorized samples, implied fpr copies, implied fpr memorized) from
+    the nulls of the given validation halves (one half, or both for the whole validation set); n_synthetic is the
+    size of the set the thresholds will judge."""
+    if name == "paper":
+        null = halves[0].train_to_val if len(halves) == 1 else best_of(*(h.train_to_val for h in halves))
+        tau = percentile_threshold(null, percentile)
+        implied = float(null.exceeds(tau).mean())
+        return tau, tau, implied, implied
+    assert name == "matched", name
+    copy_null = concatenate([h.val_to_train for h in halves])
+    tau_copies = percentile_threshold(copy_null, percentile)
+    pairs = halves[0].pairs if len(halves) == 1 else union_pairs([h.pairs for h in halves])
+    tau_memorized = max_of_draws_threshold(pairs, percentile, n_synthetic)
+    single_pair_tail = pairs.count_above(tau_memorized) / pairs.n_pairs
+    implied_memorized = 1.0 - (1.0 - single_pair_tail) ** n_synthetic
+    return tau_copies, tau_memorized, float(copy_null.exceeds(tau_copies).mean()), float(implied_memorized)
+
+
+def measured_false_positive_rates(name: str, halves: Sequence[NullSearch], percentile: float):
+    """Calibrate on one validation half, score the other half's real samples as if synthetic (copies: its samples
+    above the copy threshold; memorized: training samples whose best match in it is above the memorized
+    threshold), both ways round; returns the mean (fpr copies, fpr memorized) as fractions."""
+    copies, memorized = [], []
+    for calibrate, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
+        tau_copies, tau_memorized, _, _ = calibration_thresholds(name, [calibrate], percentile, len(held_out.val_to_train))
+        copies.append(held_out.val_to_train.exceeds(tau_copies).mean())
+        memorized.append(held_out.train_to_val.exceeds(tau_memorized).mean())
+    return float(np.mean(copies)), float(np.mean(memorized))
+
+
+def patients_memorized(train_patient_ids: np.ndarray, is_memorized: np.ndarray):
+    """(patients (p,) sorted unique ids, (p,) bool: any of the patient's training samples memorized)."""
+    patients, inverse = np.unique(train_patient_ids, return_inverse=True)
+    memorized = np.zeros(len(patients), dtype=bool)
+    np.logical_or.at(memorized, inverse, is_memorized)
+    return patients, memorized
+
+
+def calibrate(
+    name: str,
+    *,
+    halves: Sequence[NullSearch],
+    synthetic_to_train: Neighbours,
+    train_to_synthetic: Neighbours,
+    train_patient_ids: np.ndarray,
+    percentile: float,
+) -> Calibration:
+    """All figures of one calibration ("paper" or "matched") for the audit."""
+    if name not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {name!r}")
+    n_synthetic = len(synthetic_to_train)
+    tau_copies, tau_memorized, implied_copies, implied_memorized = calibration_thresholds(
+        name, halves, percentile, n_synthetic
+    )
+    is_copy = synthetic_to_train.exceeds(tau_copies)
+    is_memorized = train_to_synthetic.exceeds(tau_memorized)
+    _, memorized_patients = patients_memorized(train_patient_ids, is_memorized)
+    measured_copies, measured_memorized = measured_false_positive_rates(name, halves, percentile)
+    return Calibration(
+        name=name,
+        threshold_copies=tau_copies,
+        threshold_memorized=tau_memorized,
+        is_copy=is_copy,
+        is_memorized=is_memorized,
+        is_memorized_patient=memorized_patients,
+        implied_fpr_copies=implied_copies,
+        implied_fpr_memorized=implied_memorized,
+        measured_fpr_copies=measured_copies,
+        measured_fpr_memorized=measured_memorized,
+    )
+
+
+def patient_rows(train_patient_ids: np.ndarray, is_memorized: np.ndarray, best_scores: np.ndarray) -> list[dict]:
+    """Per training patient: patient_id, n_images, n_memorized, best_score; most memorized first, then by
+    best score."""
+    patients, inverse = np.unique(train_patient_ids, return_inverse=True)
+    n_images = np.bincount(inverse, minlength=len(patients))
+    n_memorized = np.bincount(inverse, weights=is_memorized, minlength=len(patients)).astype(int)
+    best = np.full(len(patients), -np.inf)
+    np.maximum.at(best, inverse, best_scores)
+    order = np.lexsort((patients, -best, -n_memorized))
+    return [
+        {"patient_id": str(patients[i]), "n_images": int(n_images[i]), "n_memorized": int(n_memorized[i]),
+         "best_score": float(best[i])}
+        for i in order
+    ]
+
+
+def roc_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """ROC AUC of positives against negatives (Mann-Whitney U / (P N)); ties count one half."""
+    ranks = rankdata(np.concatenate([positive_scores, negative_scores]))
+    n_pos, n_neg = len(positive_scores), len(negative_scores)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_figures(is_positive: np.ndarray, is_flagged: np.ndarray, scores: np.ndarray) -> dict:
+    """Sensitivity, specificity, precision (fractions; None where undefined) and ROC AUC of scores, of flags
+    against a known truth."""
+    is_positive, is_flagged = np.asarray(is_positive, dtype=bool), np.asarray(is_flagged, dtype=bool)
+    true_pos = int((is_positive & is_flagged).sum())
+    false_pos = int((~is_positive & is_flagged).sum())
+    n_pos, n_neg = int(is_positive.sum()), int((~is_positive).sum())
+    return {
+        "n_positive": n_pos,
+        "n_negative": n_neg,
+        "true_positives": true_pos,
+        "false_positives": false_pos,
+        "sensitivity": true_pos / n_pos if n_pos else None,
+        "specificity": (n_neg - false_pos) / n_neg if n_neg else None,
+        "precision": true_pos / (true_pos + false_pos) if true_pos + false_pos else None,
+        "roc_auc": roc_auc(scores[is_positive], scores[~is_positive]) if n_pos and n_neg else None,
+    }
+
+
+def label_agreement(is_copy_label: np.ndarray, pair_scores: np.ndarray, threshold: float) -> dict:
+    """Agreement of the audit's decision (pair score > threshold) with hand labels (True = copy)."""
+    decisions = np.asarray(pair_scores) > threshold
+    figures = detection_figures(is_copy_label, decisions, np.asarray(pair_scores, dtype=np.float64))
+    figures["n_labels"] = len(decisions)
+    figures["agreement"] = float((decisions == np.asarray(is_copy_label, dtype=bool)).mean())
+    return figures

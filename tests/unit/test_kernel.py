@@ -1,0 +1,155 @@
+"""The blocked search kernel against brute force (raymem.search.kernel; no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raymem.search import kernel
+
+
+def sign_embeddings(n: int, d: int, seed: int) -> torch.Tensor:
+    """Rows of +-1 with d/2 of each sign: centring is a no-op and, for d a perfect square, standardized entries
+    are +-1/sqrt(d) exactly, so every score is an exact multiple of 2/d in float32 and float64 alike: exact ties."""
+    rng = np.random.default_rng(seed)
+    rows = np.ones((n, d), dtype=np.float32)
+    for row in rows:
+        row[rng.permutation(d)[: d // 2]] = -1
+    return torch.from_numpy(rows)
+
+
+def gaussian_embeddings(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def brute_force(a: torch.Tensor, b: torch.Tensor, k: int):
+    """The full float64 score matrix and its reductions: top-k per row by (score desc, index asc), best row per
+    column (lowest on ties)."""
+    scores = (kernel.standardize(a, torch.float64) @ kernel.standardize(b, torch.float64).T).numpy()
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return scores, top, scores.argmax(axis=0)
+
+
+@pytest.mark.parametrize("n, m, block_rows", [(12, 20, 1), (90, 130, 7), (129, 200, 128), (65, 300, 64), (200, 66, 199)])
+def test_blocked_search_equals_brute_force_with_ties_to_lowest_index(n, m, block_rows):
+    a, b = sign_embeddings(n, 16, seed=n), sign_embeddings(m, 16, seed=m)
+    scores, top, best_rows = brute_force(a, b, k=5)
+
+    found = kernel.search(a, b, k=5, block_rows=block_rows)
+
+    assert np.array_equal(found.row_indices.numpy(), top)
+    assert np.array_equal(found.row_scores.numpy(), np.take_along_axis(scores, top, 1).astype(np.float32))
+    assert np.array_equal(found.col_indices.numpy(), best_rows)
+    assert np.array_equal(found.col_scores.numpy(), scores.max(axis=0).astype(np.float32))
+
+
+def test_blocked_search_matches_float64_on_continuous_embeddings():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 48, generator=generator), torch.randn(1000, 48, generator=generator)
+    scores, top, best_rows = brute_force(a, b, k=4)
+
+    found = kernel.search(a, b, k=4, block_rows=299)
+
+    assert np.array_equal(found.row_indices.numpy(), top)
+    assert np.array_equal(found.col_indices.numpy(), best_rows)
+    assert np.abs(found.row_scores.numpy() - np.take_along_axis(scores, top, 1)).max() < 1e-6
+
+
+def test_k_larger_than_the_reference_set_keeps_every_reference_row():
+    a, b = sign_embeddings(10, 16, 1), sign_embeddings(3, 16, 2)
+
+    found = kernel.search(a, b, k=5, block_rows=2)
+
+    assert np.array_equal(found.row_indices.numpy(), brute_force(a, b, k=3)[1])
+
+
+@pytest.mark.parametrize(
+    "embeddings, top_pairs, band, block_rows",
+    [(sign_embeddings, 1, 0.0, 7), (sign_embeddings, 25, 0.0, 64), (sign_embeddings, 25, 0.25, 30),
+     (sign_embeddings, 400, 0.0, 33), (gaussian_embeddings, 300, 0.01, 45)],
+)
+def test_top_pairs_are_the_largest_scores_and_everything_within_band_below(embeddings, top_pairs, band, block_rows):
+    a, b = embeddings(100, 16, 3), embeddings(120, 16, 4)
+    scores = brute_force(a, b, k=1)[0]
+    cutoff = np.sort(scores.ravel())[::-1][top_pairs - 1] - band
+    expected_rows, expected_cols = np.nonzero(scores >= cutoff)
+    order = np.lexsort((expected_cols, expected_rows, -scores[expected_rows, expected_cols]))
+
+    found = kernel.search(a, b, k=1, block_rows=block_rows, top_pairs=top_pairs, band=band)
+
+    assert np.array_equal(
+        np.stack([found.pair_rows.numpy(), found.pair_cols.numpy()]),
+        np.stack([expected_rows[order], expected_cols[order]]),
+    )
+
+
+def test_tiles_merged_in_any_order_give_the_same_result():
+    a, b = torch.randn(70, 16), torch.randn(90, 16)
+    blocks = 20
+    tiles = [
+        (kernel.search_tile(kernel.standardize(a[i : i + blocks]), kernel.standardize(b[j : j + blocks]),
+                            a_offset=i, b_offset=j, k=3, top_pairs=10, band=1e-3), i, j)
+        for i, j in kernel.tile_grid(70, 90, blocks)
+    ]
+    results = []
+    for order in (range(len(tiles)), np.random.default_rng(0).permutation(len(tiles))):
+        accumulator = kernel.SearchAccumulator(70, 90, 3, top_pairs=10, band=1e-3)
+        for t in order:
+            accumulator.add(*tiles[t])
+        results.append(accumulator.result())
+
+    assert all(torch.equal(getattr(results[0], f), getattr(results[1], f)) for f in kernel.SearchResult.__dataclass_fields__)
+
+
+def test_exact_topk_equals_float64_brute_force_with_ties():
+    queries, reference = sign_embeddings(30, 16, 5), sign_embeddings(50, 16, 6)
+    scores, top, _ = brute_force(queries, reference, k=3)
+    blocks = [(start, reference[start : start + 7]) for start in range(0, 50, 7)]
+
+    found_scores, found_indices = kernel.exact_topk(queries, reversed(blocks), k=3)
+
+    assert np.array_equal(found_indices.numpy(), top) and np.array_equal(
+        found_scores.numpy(), np.take_along_axis(scores, top, 1)
+    )
+
+
+def test_exact_pair_scores_are_pearson_correlations():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((20, 9)), rng.standard_normal((20, 9))
+
+    found = kernel.exact_pair_scores(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+
+    assert np.allclose(found, [np.corrcoef(x, y)[0, 1] for x, y in zip(a, b)], atol=1e-14)
+
+
+def test_order_key_sorts_by_score_descending_then_index_ascending():
+    scores = torch.tensor([0.5, -0.0, 1.0, 0.5, 0.0, -2.0, 1.0], dtype=torch.float32)
+    indices = torch.tensor([9, 3, 4, 2, 1, 0, 8])
+
+    order = torch.argsort(kernel.order_key(scores, indices))
+
+    assert indices[order].tolist() == [4, 8, 2, 9, 1, 3, 0]
+
+
+def test_invalid_rows_are_constant_or_not_finite():
+    rows = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0], [1.0, float("nan"), 0.0], [0.0, float("inf"), 1.0]])
+
+    assert kernel.find_invalid_rows(rows).tolist() == [False, True, True, True]
+
+
+def test_accumulated_pairs_are_ordered_by_score_then_a_row_then_b_row():
+    just_below_half = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    scores = torch.tensor([0.5, 0.5, 0.5, just_below_half, -0.25])
+    rows = torch.tensor([2**20 + 3, 2**20 + 3, 2**20 + 1, 7, 2**20])
+    cols = torch.tensor([9, 2, 2**19, 1, 0])
+    empty = torch.zeros((0, 1))
+    tile = kernel.SearchResult(empty, empty.long(), empty[:, 0], empty[:, 0].long(), scores, rows, cols)
+    accumulator = kernel.SearchAccumulator(2**20 + 4, 2**19 + 1, 1, top_pairs=5)
+    accumulator.add(tile, 0, 0)
+
+    merged = accumulator.result()
+
+    assert list(zip(merged.pair_rows.tolist(), merged.pair_cols.tolist())) == [
+        (2**20 + 1, 2**19), (2**20 + 3, 2), (2**20 + 3, 9), (7, 1), (2**20, 0)
+    ]

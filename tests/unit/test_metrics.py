@@ -1,0 +1,294 @@
+"""Audit figures against a brute-force float64 reference, the float64 decision rule, calibration, ground truth
+(raymem.audit.metrics through raymem.audit.embeddings.run_audit in one process; no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raymem.audit import metrics
+from raymem.audit.embeddings import run_audit
+
+
+def write_embeddings(path, embeddings: np.ndarray, prefix: str, rows_per_patient: int | None = 2) -> str:
+    """An embedding-schema Parquet file; sample ids '<prefix><row>', patients '<prefix>p<row // rows_per_patient>'."""
+    columns = {
+        "sample_id": [f"{prefix}{i}" for i in range(len(embeddings))],
+        "embedding": pa.array(list(embeddings.astype(np.float32)), type=pa.list_(pa.float32(), embeddings.shape[1])),
+    }
+    if rows_per_patient is not None:
+        columns["patient_id"] = [f"{prefix}p{i // rows_per_patient}" for i in range(len(embeddings))]
+    pq.write_table(pa.table(columns), path, row_group_size=97)
+    return str(path)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Brute-force float64 Pearson correlation of every row of x with every row of y."""
+    def standardized(rows):
+        rows = rows.astype(np.float64) - rows.astype(np.float64).mean(axis=1, keepdims=True)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return standardized(x) @ standardized(y).T
+
+
+def reference_audit(train, val, synthetic, train_patients, halves, percentile, k):
+    """Every figure of the audit, straight from the definitions on the full float64 score matrices."""
+    syn_train, train_val = pearson(synthetic, train), pearson(train, val)
+    n_synthetic = len(synthetic)
+
+    def thresholds(name, train_val_part, n_judged):
+        if name == "paper":
+            tau = np.percentile(train_val_part.max(axis=1), percentile)
+            return tau, tau
+        return (np.percentile(train_val_part.max(axis=0), percentile),
+                np.quantile(train_val_part.ravel(), (percentile / 100) ** (1 / n_judged)))
+
+    figures = {"top_k": np.argsort(-syn_train, axis=1, kind="stable")[:, :k].tolist()}
+    for name in ("paper", "matched"):
+        tau_copies, tau_memorized = thresholds(name, train_val, n_synthetic)
+        is_copy, is_memorized = syn_train.max(axis=1) > tau_copies, syn_train.max(axis=0) > tau_memorized
+        patients = np.unique(train_patients)
+        fpr_copies, fpr_memorized = [], []
+        for calibrate, held_out in (halves, halves[::-1]):
+            held_tau_copies, held_tau_memorized = thresholds(name, train_val[:, calibrate], len(held_out))
+            fpr_copies.append((train_val[:, held_out].max(axis=0) > held_tau_copies).mean())
+            fpr_memorized.append((train_val[:, held_out].max(axis=1) > held_tau_memorized).mean())
+        if name == "paper":
+            implied = [(train_val.max(axis=1) > tau_copies).mean()] * 2
+        else:
+            tail = (train_val.ravel() > tau_memorized).mean()
+            implied = [(train_val.max(axis=0) > tau_copies).mean(), 1 - (1 - tail) ** n_synthetic]
+        figures[name] = {
+            "threshold_copies": tau_copies,
+            "threshold_memorized": tau_memorized,
+            "is_copy": is_copy.tolist(),
+            "is_memorized": is_memorized.tolist(),
+            "n_memorized_patients": sum(is_memorized[train_patients == p].any() for p in patients),
+            "implied_fpr_copies": implied[0],
+            "implied_fpr_memorized": implied[1],
+            "measured_fpr_copies": np.mean(fpr_copies),
+            "measured_fpr_memorized": np.mean(fpr_memorized),
+        }
+    return figures
+
+
+def observed_audit(result, calibration_runs):
+    """The same figures read from audits run with calibration "paper" and "matched"."""
+    synthetic_rows = result.matches.filter(pa.compute.equal(result.matches["kind"], "synthetic"))
+    figures = {"top_k": synthetic_rows["neighbour_indices"].to_pylist()}
+    for name, run in calibration_runs.items():
+        rows = run.matches
+        calibration = run.metrics["calibrations"][name]
+        figures[name] = {
+            "threshold_copies": calibration["threshold_copies"],
+            "threshold_memorized": calibration["threshold_memorized"],
+            "is_copy": [v for v, kind in zip(rows["is_copy"].to_pylist(), rows["kind"].to_pylist()) if kind == "synthetic"],
+            "is_memorized": [v for v, kind in zip(rows["is_memorized"].to_pylist(), rows["kind"].to_pylist()) if kind == "train"],
+            **{key: calibration[key] for key in ("n_memorized_patients", "implied_fpr_copies", "implied_fpr_memorized",
+                                                  "measured_fpr_copies", "measured_fpr_memorized")},
+        }
+    return figures
+
+
+def assert_same_figures(observed: dict, expected: dict) -> None:
+    """Numbers equal to within float64 rounding, decisions and indices exactly."""
+    def flat(figures, prefix=""):
+        for key, value in figures.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    observed, expected = dict(flat(observed)), dict(flat(expected))
+    numbers = {key for key, value in expected.items() if not isinstance(value, list)}
+    assert {key: observed[key] for key in numbers} == pytest.approx({key: expected[key] for key in numbers}, rel=0, abs=1e-12)
+    assert {key: observed[key] for key in set(expected) - numbers} == {key: expected[key] for key in set(expected) - numbers}
+
+
+def near_threshold_copies(train: np.ndarray, rows: np.ndarray, targets: np.ndarray, rng) -> np.ndarray:
+    """Synthetic rows whose correlation with train[rows] is targets (before float32 rounding)."""
+    made = []
+    for row, target in zip(rows, targets):
+        anchor = train[row] - train[row].mean()
+        anchor /= np.linalg.norm(anchor)
+        other = rng.standard_normal(len(anchor))
+        other -= other.mean() + (other - other.mean()) @ anchor * anchor
+        other /= np.linalg.norm(other)
+        made.append(target * anchor + np.sqrt(1 - target**2) * other)
+    return np.array(made)
+
+
+@pytest.mark.parametrize(
+    "n_train, n_val, n_novel, d, k, percentile, block_rows",
+    [(300, 120, 150, 24, 5, 95.0, 64), (257, 91, 200, 8, 3, 90.0, 100), (200, 160, 90, 64, 1, 99.0, 4096)],
+)
+def test_audit_equals_float64_reference_with_planted_near_duplicates(tmp_path, n_train, n_val, n_novel, d, k,
+                                                                       percentile, block_rows):
+    rng = np.random.default_rng(n_train)
+    train, val = rng.standard_normal((n_train, d)), rng.standard_normal((n_val, d))
+    train_patients = np.array([f"tp{i // 2}" for i in range(n_train)])
+    tau = np.percentile(pearson(train, val).max(axis=1), percentile)
+    duplicated = rng.choice(n_train, 40, replace=False)
+    synthetic = np.concatenate([
+        rng.standard_normal((n_novel, d)),
+        train[duplicated[:20]] + rng.uniform(0.01, 1.0, (20, 1)) * rng.standard_normal((20, d)),
+        near_threshold_copies(train, duplicated[20:], tau + np.linspace(-2e-7, 2e-7, 20), rng),
+    ]).astype(np.float32)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", val, "v"), ("synthetic", synthetic, "s"))]
+    halves = metrics.split_by_patient(np.array([f"vp{i // 2}" for i in range(n_val)]), np.random.default_rng(0))
+    expected = reference_audit(train.astype(np.float32), val.astype(np.float32), synthetic, train_patients, halves,
+                               percentile, k)
+    assert np.abs(pearson(synthetic, train.astype(np.float32)).max(axis=1) - expected["paper"]["threshold_copies"]).min() < 1e-6
+
+    runs = {name: run_audit(*uris, percentile=percentile, top_k=k, calibration=name, block_rows=block_rows,
+                            progress=False) for name in ("paper", "matched")}
+
+    assert_same_figures(observed_audit(runs["paper"], runs), expected)
+
+
+def test_ties_and_scores_exactly_at_the_threshold_follow_the_definitions(tmp_path):
+    """+-1 embeddings with d = 16 make every score an exact multiple of 1/8: many exact ties, many scores exactly
+    equal to tau (not memorized, not copies: strictly greater is required), lowest index wins a tie."""
+    rng = np.random.default_rng(1)
+
+    def signs(n):
+        rows = np.ones((n, 16))
+        for row in rows:
+            row[rng.permutation(16)[:8]] = -1
+        return rows
+
+    train, val, synthetic = signs(200), signs(80), signs(150)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", val, "v"), ("synthetic", synthetic, "s"))]
+    halves = metrics.split_by_patient(np.array([f"vp{i // 2}" for i in range(80)]), np.random.default_rng(0))
+    expected = reference_audit(train, val, synthetic, np.array([f"tp{i // 2}" for i in range(200)]), halves, 80.0, 4)
+    assert (pearson(synthetic, train).max(axis=1) == expected["paper"]["threshold_copies"]).any()
+
+    runs = {name: run_audit(*uris, percentile=80.0, top_k=4, calibration=name, block_rows=37, progress=False)
+            for name in ("paper", "matched")}
+
+    assert_same_figures(observed_audit(runs["paper"], runs), expected)
+
+
+def test_decisions_near_the_threshold_use_the_float64_scores():
+    rng = np.random.default_rng(2)
+    exact = rng.uniform(0.2, 0.9, 1000)
+    approximate = exact + rng.uniform(-5e-4, 5e-4, 1000)  # float32-like errors, within the decision band
+    recomputed = []
+
+    def recompute(rows):
+        recomputed.extend(rows)
+        return exact[rows, None], rows[:, None]
+
+    null = metrics.Neighbours(approximate[:, None], np.arange(1000)[:, None], recompute)
+
+    tau = metrics.percentile_threshold(null, 95.0)
+
+    assert (tau, null.exceeds(tau).tolist()) == (np.percentile(exact, 95.0), (exact > tau).tolist())
+
+
+def test_max_of_draws_threshold_is_the_quantile_of_all_pair_scores():
+    rng = np.random.default_rng(3)
+    all_scores = rng.uniform(-1, 1, 5000)
+    needed = metrics.top_pairs_needed(5000, 95.0, 40)
+    kept = np.argsort(-all_scores)[: needed + 10]
+    pairs = metrics.TopPairs(all_scores[kept] + 1e-4, kept, kept, 5000, lambda rows, cols: all_scores[rows])
+
+    threshold = metrics.max_of_draws_threshold(pairs, 95.0, 40)
+
+    assert threshold == pytest.approx(np.quantile(all_scores, 0.95 ** (1 / 40)), abs=1e-15)
+
+
+def test_paper_calibration_flags_far_more_than_five_percent_and_matched_about_five(tmp_path):
+    """The issue's example: 3,000 training and 600 validation samples, 3,000 genuinely new synthetic samples."""
+    rng = np.random.default_rng(4)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 32)), prefix)
+            for name, n, prefix in (("train", 3000, "t"), ("val", 600, "v"), ("synthetic", 3000, "s"))]
+
+    calibrations = run_audit(*uris, progress=False).metrics["calibrations"]
+
+    flagged = {name: (figures["pct_copies"], figures["pct_memorized_train"]) for name, figures in calibrations.items()}
+    assert flagged["paper"][0] > 15 and all(3 <= pct <= 7.5 for pct in flagged["matched"]), flagged
+
+
+def test_planted_copies_are_found_and_scored_against_the_truth(tmp_path):
+    rng = np.random.default_rng(5)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 32)), prefix)
+            for name, n, prefix in (("train", 400, "t"), ("val", 100, "v"), ("synthetic", 300, "s"))]
+
+    figures = run_audit(*uris, calibration="matched", plant_copies=30, progress=False).metrics
+
+    assert (figures["sensitivity"], figures["roc_auc"], figures["planted_copies"]["source_top1_rate"]) == (1.0, 1.0, 1.0)
+
+
+def test_hand_labels_are_compared_with_the_audit_decision(tmp_path):
+    rng = np.random.default_rng(6)
+    train = rng.standard_normal((100, 16))
+    synthetic = np.concatenate([train[:3] + 0.01 * rng.standard_normal((3, 16)), rng.standard_normal((50, 16))])
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", rng.standard_normal((40, 16)), "v"),
+                                       ("synthetic", synthetic, "s"))]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("synthetic_id,train_id,label\ns0,t0,copy\ns1,t1,copy\ns2,t2,novel\ns3,t5,novel\n")
+
+    agreement = run_audit(*uris, labels_csv=str(labels), progress=False).metrics["labels"]
+
+    assert (agreement["n_labels"], agreement["agreement"], agreement["sensitivity"]) == (4, 0.75, 1.0)
+
+
+def test_constant_or_non_finite_embeddings_are_named_in_the_error(tmp_path):
+    rng = np.random.default_rng(7)
+    synthetic = rng.standard_normal((20, 8))
+    synthetic[4] = 3.0
+    synthetic[11, 2] = np.nan
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", rng.standard_normal((20, 8)), "t"),
+                                       ("val", rng.standard_normal((20, 8)), "v"), ("synthetic", synthetic, "s"))]
+
+    with pytest.raises(ValueError, match=r"synthetic embeddings .*sample_id s4, s11"):
+        run_audit(*uris, progress=False)
+
+
+def test_validation_patients_seen_in_training_are_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((10, 8)), "x")
+            for name in ("train", "val", "synthetic")]
+
+    with pytest.raises(ValueError, match="validation patients must not appear in training"):
+        run_audit(*uris, progress=False)
+
+
+def test_validation_split_shares_no_patient_and_halves_the_rows():
+    patients = np.repeat([f"p{i}" for i in range(50)], np.arange(50) % 4 + 1)
+
+    first, second = metrics.split_by_patient(patients, np.random.default_rng(9))
+
+    assert not set(patients[first]) & set(patients[second]) and abs(len(first) - len(second)) <= 4
+
+
+def test_detection_figures_count_against_the_truth():
+    truth = np.array([True, True, True, False, False, False, False])
+    flagged = np.array([True, True, False, True, False, False, False])
+    scores = np.array([0.9, 0.8, 0.5, 0.7, 0.1, 0.2, 0.3])
+
+    figures = metrics.detection_figures(truth, flagged, scores)
+
+    assert (figures["sensitivity"], figures["specificity"], figures["precision"], figures["roc_auc"]) == pytest.approx(
+        (2 / 3, 3 / 4, 2 / 3, 11 / 12)
+    )
+
+
+def test_known_copies_already_in_the_synthetic_set_are_scored_and_listed(tmp_path):
+    rng = np.random.default_rng(10)
+    train = rng.standard_normal((200, 16))
+    synthetic = np.concatenate([train[[7, 3]] + 0.01 * rng.standard_normal((2, 16)), rng.standard_normal((100, 16))])
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", rng.standard_normal((60, 16)), "v"),
+                                       ("synthetic", synthetic, "s"))]
+
+    result = run_audit(*uris, planted={"s0": "t7", "s1": "t3"}, progress=False)
+
+    planted_from = result.matches["planted_from"].to_pylist()[:3]
+    assert (result.metrics["sensitivity"], result.metrics["planted_copies"]["source_top1_rate"], planted_from) == (
+        1.0, 1.0, ["t7", "t3", None])
