@@ -17,6 +17,10 @@ stages:
   ingest            raw NIfTI / DICOM / PNG / MedMNIST files -> a sharded, de-identified, patient-split dataset
   train-detector    train the contrastive copy detector with Ray Train (checkpoints, resume, MLflow)
   embed             embed a dataset with a trained detector (Ray Data actors) -> embedding Parquet
+  train-ldm         train a latent diffusion model (autoencoder, then diffusion) with Ray Train
+  sample            synthetic samples from any saved LDM epoch (Ray Data actors) -> a synthetic dataset
+  audit             embed a dataset and synthetic images (a dataset or any folder of images) and audit them
+  filter            privacy filter: the synthetic dataset without the samples an audit flagged as copies
   audit-embeddings  exact all-pairs search of synthetic vs training embeddings -> memorization figures
 
 Every stage reads and writes URIs: a local path or s3://bucket/prefix (endpoint and credentials from
@@ -85,12 +89,68 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_ldm(args: argparse.Namespace) -> int:
+    from raymem import runtime
+    from raymem.train.ldm import train_ldm
+
+    cfg = config.load(config.LDMTrainConfig, args.config, {
+        "dataset": args.dataset, "out": args.out, "run_name": args.run_name, "preset": args.preset,
+        "autoencoder_epochs": args.autoencoder_epochs, "diffusion_epochs": args.diffusion_epochs,
+        "batch_size": args.batch_size, "num_workers": args.num_workers, "train_size": args.train_size,
+        "use_gpu": True if args.use_gpu else None,
+        "augment": {"enabled": args.augment == "on"} if args.augment else None})
+    runtime.init_ray()
+    result = train_ldm(cfg)
+    print(json.dumps({"run": result["run"], "mlflow_run_id": result["run_id"], "last_epoch": result["metrics"]},
+                     indent=2, default=str))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from raymem import runtime
+    from raymem.generate import sample_run
+
+    cfg = config.load(config.SampleConfig, args.config, {
+        "run": args.run, "epoch": args.epoch, "n": args.n, "out": args.out, "ddim_steps": args.ddim_steps,
+        "seed": args.seed, "batch_size": args.batch_size, "num_actors": args.num_actors,
+        "use_gpu": True if args.use_gpu else None})
+    runtime.init_ray()
+    print(json.dumps(sample_run(cfg), indent=2))
+    return 0
+
+
+def _audit_config(args: argparse.Namespace) -> config.AuditConfig:
+    return config.load(config.AuditConfig, args.config, {
+        "percentile": args.percentile, "top_k": args.top_k, "calibration": args.calibration,
+        "plant_copies": args.plant_copies, "seed": args.seed})
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from raymem import runtime
+    from raymem.audit.images import audit_images
+
+    cfg = _audit_config(args)
+    runtime.init_ray()
+    metrics = audit_images(args.dataset, args.synthetic, args.detector, args.out, cfg, labels_csv=args.labels,
+                           distributed=args.distributed, run_name=args.run_name)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2, sort_keys=True))
+    print(f"report: {args.out}/report.html")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from raymem.audit.images import filter_copies
+
+    counts = filter_copies(args.audit, args.synthetic, args.out)
+    print(f"synthetic {counts['synthetic']}, removed {counts['removed']} flagged copies, kept {counts['kept']} "
+          f"-> {args.out}")
+    return 0
+
+
 def _audit_embeddings(args: argparse.Namespace) -> int:
     from raymem.audit.embeddings import audit_embeddings
 
-    cfg = config.load(config.AuditConfig, args.config, {
-        "percentile": args.percentile, "top_k": args.top_k, "calibration": args.calibration,
-        "plant_copies": args.plant_copies, "seed": args.seed})
+    cfg = _audit_config(args)
     if args.distributed:
         from raymem import runtime
         runtime.init_ray()
@@ -99,6 +159,17 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
                                labels_csv=args.labels, seed=cfg.seed, distributed=args.distributed)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _audit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--percentile", type=float, help="threshold percentile (default 95, the paper's)")
+    p.add_argument("--top-k", type=int, help="training neighbours kept per synthetic sample (default 5)")
+    p.add_argument("--calibration", choices=["paper", "matched"], help="null distribution (default paper)")
+    p.add_argument("--plant-copies", type=int, help="mix N known copies into the synthetic set and score them")
+    p.add_argument("--labels", help="CSV of hand labels (synthetic_id, train_id, label copy|novel)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--distributed", action="store_true", help="search with Ray tasks over tiles")
+    p.add_argument("--config", help="AuditConfig YAML; flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +239,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="EmbedConfig YAML; flags override it")
     p.set_defaults(func=_embed)
 
+    p = sub.add_parser("train-ldm", help="train a latent diffusion model (Ray Train)",
+                       description="MONAI AutoencoderKL, then a DiffusionModelUNet in its latent space (DDPM, 1000 "
+                                   "steps), with Ray Train over NUM_WORKERS. Epochs count across both stages; every "
+                                   "checkpoint is kept as OUT/ldm/RUN_NAME/epoch-<E>/ (ldm.pt is what `raymem sample` "
+                                   "loads). Rerun with the same OUT and RUN_NAME to resume. Logs losses and sample "
+                                   "grids to MLflow (MLFLOW_TRACKING_URI, else sqlite in OUT).")
+    p.add_argument("--config", help="LDMTrainConfig YAML; flags override it")
+    p.add_argument("--dataset", help="dataset URI")
+    p.add_argument("--out", help="output root URI")
+    p.add_argument("--run-name")
+    p.add_argument("--preset", choices=["tiny", "small", "paper2d", "paper3d-ct", "paper3d-mri"])
+    p.add_argument("--autoencoder-epochs", type=int)
+    p.add_argument("--diffusion-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--train-size", type=int, help="nested training subset size (default: all)")
+    p.add_argument("--augment", choices=["on", "off"], help="the paper's flips and small rotations (default off)")
+    p.add_argument("--use-gpu", action="store_true")
+    p.set_defaults(func=_train_ldm)
+
+    p = sub.add_parser("sample", help="synthetic samples from a trained LDM (Ray Data actors)",
+                       description="DDIM samples from any saved epoch of a train-ldm run, written as a dataset in the "
+                                   "shard schema (split train, patient_id 'synthetic', each sample's seed in its "
+                                   "source). RUN is the training run's folder URI, OUT/ldm/RUN_NAME as given to "
+                                   "train-ldm.")
+    p.add_argument("--run", help="training run folder URI: <out>/ldm/<run_name>")
+    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the latest)")
+    p.add_argument("--n", type=int, help="number of samples")
+    p.add_argument("--out", help="output dataset URI (must not hold a dataset yet)")
+    p.add_argument("--ddim-steps", type=int, help="DDIM steps (default 50)")
+    p.add_argument("--seed", type=int, help="base seed (default 0)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-actors", type=int)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--config", help="SampleConfig YAML; flags override it")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("audit", help="embed dataset + synthetic images with a detector, then audit",
+                       description="Embeds the dataset's train and val splits and the synthetic images with the "
+                                   "detector (Ray Data actors), runs the exact audit, and writes metrics.json, "
+                                   "matches.parquet and a self-contained report.html to OUT; one MLflow run. "
+                                   "--synthetic may be a raymem dataset or a folder of images from any generator "
+                                   "(ingested with the dataset's own shape and normalisation).")
+    p.add_argument("--dataset", required=True, help="the training dataset URI (train and val splits are used)")
+    p.add_argument("--synthetic", required=True, help="synthetic images: a dataset URI or a folder of image files")
+    p.add_argument("--detector", required=True, help="detector checkpoint URI (detector.pt)")
+    p.add_argument("--out", required=True, help="output folder URI")
+    p.add_argument("--run-name", default="audit", help="MLflow run name (a rerun reopens it)")
+    _audit_options(p)
+    p.set_defaults(func=_audit)
+
+    p = sub.add_parser("filter", help="drop the synthetic samples an audit flagged as copies",
+                       description="Writes the synthetic dataset without the samples flagged is_copy in "
+                                   "AUDIT/matches.parquet, as a new committed dataset with the counts in its manifest.")
+    p.add_argument("--audit", required=True, help="the audit's output folder URI")
+    p.add_argument("--synthetic", required=True, help="the synthetic dataset URI that was audited")
+    p.add_argument("--out", required=True, help="output dataset URI")
+    p.set_defaults(func=_filter)
+
     p = sub.add_parser("audit-embeddings", help="memorization audit from train/val/synthetic embeddings",
                        description="Exact Pearson-correlation search of every synthetic embedding against every "
                                    "training embedding; threshold = P-th percentile of train->val nearest-neighbour "
@@ -176,14 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", required=True, help="validation embeddings (patients never in training)")
     p.add_argument("--synthetic", required=True, help="synthetic embeddings")
     p.add_argument("--out", required=True, help="output folder URI")
-    p.add_argument("--percentile", type=float, help="threshold percentile (default 95, the paper's)")
-    p.add_argument("--top-k", type=int, help="training neighbours kept per synthetic sample (default 5)")
-    p.add_argument("--calibration", choices=["paper", "matched"], help="null distribution (default paper)")
-    p.add_argument("--plant-copies", type=int, help="mix N known copies into the synthetic set and score them")
-    p.add_argument("--labels", help="CSV of hand labels (synthetic_id, train_id, label copy|novel)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--distributed", action="store_true", help="search with Ray tasks over tiles")
-    p.add_argument("--config", help="AuditConfig YAML; flags override it")
+    _audit_options(p)
     p.set_defaults(func=_audit_embeddings)
     return parser
 

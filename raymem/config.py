@@ -46,6 +46,8 @@ class IngestConfig(_Strict):
     max_file_mb: float = Field(default=2048.0, gt=0)
     max_voxels: int = Field(default=512**3, gt=0)
     strict: bool = False
+    synthetic: bool = Field(
+        default=False, description="images from a generator: no patients (patient_id 'synthetic'), paths kept as source")
 
     @field_validator("size")
     @classmethod
@@ -172,5 +174,65 @@ class EmbedConfig(_Strict):
     out: str = Field(description="output URI: <out>/<split>/part-*.parquet in the embedding schema")
     splits: tuple[str, ...] = ("train", "val", "test")
     batch_size: int = Field(default=64, ge=1)
+    num_actors: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+
+
+class LDMTrainConfig(_Strict):
+    """Latent diffusion model training (``raymem train-ldm``): autoencoder epochs, then diffusion epochs.
+
+    Epochs are numbered across both stages: 0 .. autoencoder_epochs-1 train the autoencoder, the rest the diffusion
+    UNet; checkpoints are <out>/ldm/<run_name>/epoch-<E>. Loss settings default to MONAI's LDM tutorials.
+    """
+
+    dataset: str = Field(description="dataset URI (a committed raymem dataset)")
+    out: str = Field(description="storage root URI: checkpoints under <out>/ldm/<run_name>")
+    run_name: str = Field(default="ldm", pattern=r"^[A-Za-z0-9_.-]+$")
+    preset: Literal["tiny", "small", "paper2d", "paper3d-ct", "paper3d-mri"] = Field(
+        default="tiny", description="model size (a study factor)")
+    train_size: int | None = Field(default=None, ge=1, description="nested training subset size (None: all)")
+    subset_seed: int = Field(default=0, description="for one seed, the subset of size n lies inside that of size m > n")
+    augment: AugmentConfig = Field(default=AugmentConfig(enabled=False), description="a study factor")
+    autoencoder_epochs: int = Field(default=100, ge=1, le=100_000)
+    diffusion_epochs: int = Field(default=300, ge=1, le=100_000)
+    batch_size: int = Field(default=8, ge=1, le=4096, description="per worker")
+    lr_autoencoder: float = Field(default=1e-4, gt=0)
+    lr_diffusion: float = Field(default=1e-4, gt=0)
+    kl_weight: float = Field(default=1e-6, ge=0)
+    adversarial_weight: float = Field(default=0.0, ge=0, description="> 0 adds the PatchGAN loss (MONAI tutorial: 0.01)")
+    lr_discriminator: float = Field(default=5e-4, gt=0)
+    perceptual_weight: float = Field(default=0.0, ge=0, description="> 0 needs perceptual_weights_file")
+    perceptual_weights_file: str | None = Field(default=None, description="local torchvision ResNet-50 state dict")
+    num_train_timesteps: int = Field(default=1000, ge=10, le=10_000)
+    ddim_steps: int = Field(default=50, ge=1, le=1000, description="DDIM steps for the sample grid")
+    num_workers: int = Field(default=2, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints (the last always saved)")
+    grid_every: int = Field(default=10, ge=1, description="diffusion epochs between sample grids logged to MLflow")
+    grid_samples: int = Field(default=8, ge=1, le=64)
+    eval_max_images: int = Field(default=32, ge=1, description="validation and fixed-batch images (rank 0)")
+    max_failures: int = Field(default=2, ge=0)
+    experiment: str = "raymem"
+    seed: int = 0
+    fail_at_epoch: int | None = Field(default=None, description="test-only: crash a worker once at this epoch")
+
+    @model_validator(mode="after")
+    def _perceptual_needs_weights(self) -> LDMTrainConfig:
+        if self.perceptual_weight > 0 and not self.perceptual_weights_file:
+            raise ValueError("perceptual_weights_file: needed when perceptual_weight > 0 (nothing is downloaded)")
+        return self
+
+
+class SampleConfig(_Strict):
+    """Sampling a trained LDM at scale (``raymem sample``) into a synthetic dataset."""
+
+    run: str = Field(description="the training run's folder URI: <out>/ldm/<run_name>")
+    epoch: int | None = Field(default=None, ge=0, description="checkpoint epoch; None: the latest")
+    n: int = Field(ge=1, description="number of synthetic samples")
+    out: str = Field(description="output dataset URI (shard schema; patient_id 'synthetic')")
+    ddim_steps: int = Field(default=50, ge=1, le=1000)
+    seed: int = Field(default=0, description="base seed; sample i uses sample_seed(seed, i), recorded in its source")
+    batch_size: int = Field(default=16, ge=1)
     num_actors: int = Field(default=2, ge=1)
     use_gpu: bool = False

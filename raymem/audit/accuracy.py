@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
+from raymem.audit import metrics
 from raymem.models.copy_transforms import TRANSFORM_PRESETS, random_transform
 from raymem.models.detector import CopyDetector, embed
 from raymem.search.kernel import find_invalid_rows, standardize
@@ -42,13 +42,11 @@ def pearson_similarity(queries: np.ndarray | torch.Tensor, references: np.ndarra
 
 
 def roc_auc(positive_scores: np.ndarray | torch.Tensor, negative_scores: np.ndarray | torch.Tensor) -> float:
-    """ROC AUC of positives against negatives (Mann-Whitney U / (P N)); ties count one half."""
+    """``raymem.audit.metrics.roc_auc`` for tensors or arrays of any shape."""
     positive = torch.as_tensor(positive_scores).detach().cpu().double().numpy().ravel()
     negative = torch.as_tensor(negative_scores).detach().cpu().double().numpy().ravel()
     assert len(positive) and len(negative), (len(positive), len(negative))
-    ranks = rankdata(np.concatenate([positive, negative]))
-    rank_sum = ranks[: len(positive)].sum()
-    return float((rank_sum - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+    return metrics.roc_auc(positive, negative)
 
 
 def copy_retrieval_metrics(

@@ -210,7 +210,7 @@ class AuditResult:
     under calibration "paper"). null_scores_matched (n_val,): each validation sample's best training score (the
     matched copy null). top_pairs: the REPORT_PAIRS highest-scoring synthetic samples with their best training match
     (dicts: synthetic_id, train_id, patient_id, score, is_copy, synthetic_index, train_index). patients: per training
-    patient rows (patient_id, n_images, n_memorized, best_score), riskiest first. matches: the matches table.
+    patient rows (patient_id, n_train_images, n_memorized, best_score), riskiest first. matches: the matches table.
     """
 
     metrics: dict

@@ -382,7 +382,7 @@ def calibrate(
 
 
 def patient_rows(train_patient_ids: np.ndarray, is_memorized: np.ndarray, best_scores: np.ndarray) -> list[dict]:
-    """Per training patient: patient_id, n_images, n_memorized, best_score; most memorized first, then by
+    """Per training patient: patient_id, n_train_images, n_memorized, best_score; most memorized first, then by
     best score."""
     patients, inverse = np.unique(train_patient_ids, return_inverse=True)
     n_images = np.bincount(inverse, minlength=len(patients))
@@ -391,7 +391,7 @@ def patient_rows(train_patient_ids: np.ndarray, is_memorized: np.ndarray, best_s
     np.maximum.at(best, inverse, best_scores)
     order = np.lexsort((patients, -best, -n_memorized))
     return [
-        {"patient_id": str(patients[i]), "n_images": int(n_images[i]), "n_memorized": int(n_memorized[i]),
+        {"patient_id": str(patients[i]), "n_train_images": int(n_images[i]), "n_memorized": int(n_memorized[i]),
          "best_score": float(best[i])}
         for i in order
     ]

@@ -34,6 +34,10 @@ _ROW_SCHEMA = pa.schema([*[(name, pa.string()) for name in _META_COLUMNS], ("ima
                          ("spacing", pa.list_(pa.float64()))])
 
 
+# The patient_id of every synthetic sample (generated images belong to no patient).
+SYNTHETIC_PATIENT = "synthetic"
+
+
 class IngestError(RuntimeError):
     """The ingest cannot go on: no input, or (with --strict) the first bad file, named with its reason."""
 
@@ -93,6 +97,8 @@ def _sample_row(image: formats.RawImage, source: str, patient_id: str, cfg: Inge
 
 def _path_patient(source: str, cfg: IngestConfig, key: bytes) -> tuple[str, str]:
     """(pseudonymous patient id, PHI-free source) for path-identified formats."""
+    if cfg.synthetic:
+        return SYNTHETIC_PATIENT, source
     match = formats.patient_key_from_path(source, cfg.patient_pattern)
     patient_key = match if match is not None else posixpath.splitext(source)[0]
     patient_id = formats.pseudonymize(patient_key, key)
@@ -122,7 +128,8 @@ def _process_unit(unit: dict[str, Any], cfg: IngestConfig, key: bytes) -> list[d
                 raise formats.BadInputError("unrecognised file type")
         if fmt == "dicom":
             header = formats.read_dicom_header(blobs[0][1], sources[0])
-            patient_id = formats.pseudonymize(header.patient_key or unit["label"], key)
+            patient_id = SYNTHETIC_PATIENT if cfg.synthetic else \
+                formats.pseudonymize(header.patient_key or unit["label"], key)
             image = formats.read_dicom_series(blobs)
             safe_source = f"{patient_id}/series-{unit['series']}" if len(sources) > 1 else \
                 f"{patient_id}/{posixpath.basename(label)}"

@@ -1,0 +1,198 @@
+"""The image-level audit: a dataset, synthetic images (a raymem dataset or any folder of images) and a detector.
+
+    synthetic folder --ingest (same shape/normalisation as the dataset)--> synthetic dataset
+    [--plant-copies N: N transformed copies of training images, transforms recorded in planted.parquet]
+    embed train, val, synthetic (+ planted) --> the embedding audit (raymem.audit.embeddings) --> report.html
+
+Outputs under ``out``: metrics.json, matches.parquet, report.html, planted.parquet (when planting), embeddings/,
+synthetic-dataset/ (when the synthetic input was a folder of images). One MLflow run per audit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from raymem import storage, tracking
+from raymem.audit import embeddings as embedding_audit
+from raymem.audit.report import CopyPair, render_report, write_report
+from raymem.config import AuditConfig, EmbedConfig, IngestConfig
+from raymem.data import shards
+
+log = logging.getLogger(__name__)
+
+PLANTED = "planted"
+PLANT_LEVEL = "copy"  # raymem.models.copy_transforms.TRANSFORM_PRESETS key used for planted copies
+
+
+def _is_dataset(uri: str) -> bool:
+    return storage.exists(storage.join(uri, shards.MANIFEST))
+
+
+def synthetic_as_dataset(synthetic_uri: str, real_manifest: dict, work_uri: str) -> str:
+    """The synthetic set as a committed dataset: used as is, or ingested with the real dataset's settings."""
+    if _is_dataset(synthetic_uri):
+        synthetic = shards.read_manifest(synthetic_uri)
+        if synthetic["image_shape"] != real_manifest["image_shape"]:
+            raise ValueError(f"synthetic images have shape {synthetic['image_shape']} but the dataset's are "
+                             f"{real_manifest['image_shape']}: ingest them with the same --size")
+        return synthetic_uri
+    from raymem.data.ingest import ingest
+
+    settings = {**real_manifest["config"], "val_fraction": 0.0, "test_fraction": 0.0, "strict": False,
+                "synthetic": True}
+    target = storage.join(work_uri, "synthetic-dataset")
+    summary = ingest(synthetic_uri, target, IngestConfig(**settings))
+    log.info("synthetic images ingested: %d, set aside: %d", summary.ingested, summary.quarantined)
+    return target
+
+
+def plant_copies(dataset_uri: str, n: int, seed: int, out_uri: str) -> dict[str, str]:
+    """Write N transformed copies of random training images as a one-split dataset; returns {copy id: train id}.
+
+    Transforms come from TRANSFORM_PRESETS[PLANT_LEVEL] (rotation, flip, contrast, brightness, noise); every drawn
+    parameter is recorded in <out>/planted.parquet so a reader can see exactly what each copy is.
+    """
+    from raymem.data.ingest import SYNTHETIC_PATIENT, write_dataset
+    from raymem.models.copy_transforms import TRANSFORM_PRESETS, apply_transform, sample_transform
+
+    manifest = shards.read_manifest(dataset_uri)
+    train = shards.load_split(dataset_uri, "train", ["sample_id", "patient_id", "image", "spacing", "modality"])
+    if n > train.num_rows:
+        raise ValueError(f"--plant-copies {n} is more than the {train.num_rows} training images")
+    rows = np.sort(np.random.default_rng(seed).choice(train.num_rows, size=n, replace=False))
+    originals = torch.from_numpy(shards.images_of(train.take(rows)).astype(np.float32))
+    generator = torch.Generator().manual_seed(seed)
+    params = sample_transform(TRANSFORM_PRESETS[PLANT_LEVEL], n, manifest["spatial_dims"], generator)
+    low, high = manifest["intensity_range"]
+    copies = apply_transform(originals, params, generator).clamp(low, high).numpy()
+    train_ids = [train["sample_id"][int(r)].as_py() for r in rows]
+    copy_ids = [f"{PLANTED}-{i:05d}" for i in range(n)]
+    samples = [shards.Sample(sample_id=copy_id, patient_id=SYNTHETIC_PATIENT, split="train", image=image,
+                             spacing_mm=tuple(train["spacing"][int(r)].as_py()), modality=train["modality"][int(r)].as_py(),
+                             source=f"planted copy of {train_id}", content_hash="")
+               for copy_id, train_id, image, r in zip(copy_ids, train_ids, copies, rows)]
+    write_dataset(storage.join(out_uri, "planted-dataset"), samples, IngestConfig(**manifest["config"]),
+                  tuple(manifest["image_shape"]), pseudonym_key=manifest["pseudonym_key"])
+    record = {"synthetic_id": copy_ids, "train_id": train_ids}
+    for field in dataclasses.fields(params):
+        values = getattr(params, field.name).cpu().numpy().reshape(n, -1).astype(np.float64)
+        record[field.name] = [list(v) if len(v) > 1 else float(v[0]) for v in values]
+    shards.write_table(storage.join(out_uri, "planted.parquet"), pa.table(record))
+    return dict(zip(copy_ids, train_ids))
+
+
+def images_by_id(dataset_uri: str, split: str, sample_ids: Iterable[str]) -> dict[str, np.ndarray]:
+    """Images (1, *spatial) of the given samples, scanning the split's shards (for the report's few pairs)."""
+    wanted = pa.array(sorted(set(sample_ids)), pa.string())
+    found = {}
+    for batch in shards.iter_split(dataset_uri, split, ["sample_id", "image"]):
+        table = pa.Table.from_batches([batch])
+        hits = table.filter(pc.is_in(table["sample_id"], value_set=wanted))
+        if hits.num_rows:
+            found.update(zip(hits["sample_id"].to_pylist(), shards.images_of(hits)))
+    return found
+
+
+def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_uri: str, cfg: AuditConfig, *,
+                 labels_csv: str | None = None, distributed: bool = False, experiment: str = "raymem",
+                 run_name: str = "audit") -> dict:
+    """Embed, audit and report; returns the metrics dict (also in <out>/metrics.json and MLflow)."""
+    from raymem.embed import embed_dataset
+
+    manifest = shards.read_manifest(dataset_uri)
+    synthetic_dataset = synthetic_as_dataset(synthetic_uri, manifest, out_uri)
+    emb = storage.join(out_uri, "embeddings")
+    embed_dataset(EmbedConfig(detector=detector_uri, data=dataset_uri, out=emb, splits=("train", "val")))
+    embed_dataset(EmbedConfig(detector=detector_uri, data=synthetic_dataset,
+                              out=storage.join(emb, "synthetic", "generated"), splits=("train",)))
+    planted = {}
+    if cfg.plant_copies:
+        planted = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri)
+        embed_dataset(EmbedConfig(detector=detector_uri, data=storage.join(out_uri, "planted-dataset"),
+                                  out=storage.join(emb, "synthetic", PLANTED), splits=("train",)))
+
+    result = embedding_audit.run_audit(
+        storage.join(emb, "train"), storage.join(emb, "val"), storage.join(emb, "synthetic"),
+        percentile=cfg.percentile, top_k=cfg.top_k, calibration=cfg.calibration, planted=planted,
+        labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
+    embedding_audit.write_outputs(result, out_uri)
+
+    train_images = images_by_id(dataset_uri, "train", [p["train_id"] for p in result.top_pairs])
+    synthetic_images = images_by_id(synthetic_dataset, "train", [p["synthetic_id"] for p in result.top_pairs])
+    if planted:
+        synthetic_images.update(images_by_id(storage.join(out_uri, "planted-dataset"), "train",
+                                             [p["synthetic_id"] for p in result.top_pairs]))
+    pairs = [CopyPair(synthetic_id=p["synthetic_id"], train_id=p["train_id"], patient_id=p["patient_id"],
+                      score=p["score"], synthetic_image=synthetic_images.get(p["synthetic_id"]),
+                      train_image=train_images.get(p["train_id"])) for p in result.top_pairs]
+    null = result.null_scores if cfg.calibration == "paper" else result.null_scores_matched
+    html = render_report(metrics=result.metrics, synthetic_top1=result.synthetic_top1, null_scores=null,
+                         pairs=pairs, patients=result.patients)
+    write_report(storage.join(out_uri, "report.html"), html)
+    _track(result.metrics, html, out_uri, experiment, run_name,
+           {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri, **cfg.model_dump()})
+    return result.metrics
+
+
+def _numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _numeric_items(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            yield f"{prefix}{key}", float(value)
+
+
+def _track(metrics: dict, html: str, out_uri: str, experiment: str, run_name: str, params: dict) -> None:
+    """One MLflow run per audit: params, every numeric figure, and report/metrics as artifacts."""
+    uri = tracking.tracking_uri() if storage.is_s3(out_uri) else tracking.tracking_uri(out_uri)
+    with tracking.run(experiment, run_name, uri=uri, tags={"raymem.stage": "audit"}) as tracked:
+        tracking.log_params(tracked, params)
+        tracking.log_metrics(tracked, dict(_numeric_items(metrics)))
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "report.html").write_text(html, encoding="utf-8")
+            Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            tracked.client.log_artifacts(tracked.run_id, folder)
+
+
+def filter_copies(audit_uri: str, synthetic_uri: str, out_uri: str) -> dict[str, int]:
+    """Privacy filter: the synthetic dataset without the samples the audit flagged as copies."""
+    from raymem.data.ingest import write_dataset
+
+    matches = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(audit_uri, "matches.parquet"))),
+                            columns=["kind", "sample_id", "is_copy"])
+    synthetic_rows = matches.filter(pc.equal(matches["kind"], "synthetic"))
+    flagged = set(synthetic_rows.filter(pc.fill_null(synthetic_rows["is_copy"], False))["sample_id"].to_pylist())
+    manifest = shards.read_manifest(synthetic_uri)
+    counts = {"kept": 0, "removed": 0}
+    flagged_ids = pa.array(sorted(flagged), pa.string())
+
+    def kept_samples() -> Iterable[shards.Sample]:
+        for split in shards.SPLITS:
+            if not manifest["splits"].get(split, {}).get("images"):
+                continue
+            for batch in shards.iter_split(synthetic_uri, split):
+                table = pa.Table.from_batches([batch])
+                table = table.filter(pc.invert(pc.is_in(table["sample_id"], value_set=flagged_ids)))
+                counts["removed"] += batch.num_rows - table.num_rows
+                counts["kept"] += table.num_rows
+                for row, image in zip(table.drop_columns(["image"]).to_pylist(), shards.images_of(table)):
+                    yield shards.Sample(sample_id=row["sample_id"], patient_id=row["patient_id"], split=split,
+                                        image=image, spacing_mm=tuple(row["spacing"]), modality=row["modality"],
+                                        source=row["source"], content_hash=row["content_hash"])
+
+    write_dataset(out_uri, kept_samples(), IngestConfig(**manifest["config"]), tuple(manifest["image_shape"]),
+                  pseudonym_key=manifest["pseudonym_key"], extra={"filtered_from": synthetic_uri,
+                                                                  "flagged_copies": len(flagged)})
+    return {"synthetic": counts["kept"] + counts["removed"], **counts}
