@@ -134,15 +134,20 @@ def render_report(
     histogram_uri = _histogram_png_data_uri(
         _scores("synthetic_top1", synthetic_top1), _scores("null_scores", null_scores), threshold, null_description
     )
+    calibration_table = _calibrations_table(metrics.get("calibrations", {}))
+    distribution_table = _distribution_table(metrics.get("distribution", {}))
     sections = [
         f"<h1>{_text(title)}</h1>",
         '<p class="banner">This report shows images of patients from the training data. Handle it as patient data: '
         "store and share it only where the training images themselves may go.</p>",
         "<h2>Summary</h2>",
         summary_table,
+        *(["<h2>Both calibrations, with false-positive rates measured on held-out patients</h2>", calibration_table]
+          if calibration_table else []),
         "<h2>How to read this</h2>",
         _how_to_read(percentile, calibration),
         "<h2>Score distributions</h2>",
+        distribution_table,
         f'<figure><img class="plot" src="{histogram_uri}" alt="Histograms of synthetic-to-train correlations and of '
         f'the null ({_text(null_description)}) on shared bins, tau = {threshold:.4f} marked"></figure>',
         f"<h2>Top copies ({len(pairs)})</h2>",
@@ -156,6 +161,30 @@ def render_report(
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         f"<title>{_text(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
+
+
+def _calibrations_table(calibrations: dict) -> str:
+    """One row per calibration (metrics['calibrations']): thresholds, figures, implied and measured FPR."""
+    columns = [("threshold_copies", "tau (copies)", "{:.4f}"), ("threshold_memorized", "tau (memorized)", "{:.4f}"),
+               ("pct_copies", "copies %", "{:.1f}"), ("pct_memorized_train", "memorized %", "{:.1f}"),
+               ("pct_memorized_patients", "patients %", "{:.1f}"), ("implied_fpr_copies", "implied FPR", "{:.3f}"),
+               ("measured_fpr_copies", "measured FPR (copies)", "{:.3f}"),
+               ("measured_fpr_memorized", "measured FPR (memorized)", "{:.3f}")]
+    rows = [[_text(name)] + [_text(fmt.format(float(figures[key]))) if figures.get(key) is not None else "–"
+                             for key, _, fmt in columns]
+            for name, figures in calibrations.items()]
+    return _table(["calibration"] + [label for _, label, _ in columns], rows, table_id="calibrations",
+                  number_columns=set(range(1, len(columns) + 1))) if rows else ""
+
+
+def _distribution_table(distribution: dict) -> str:
+    """Mean and percentiles of the synthetic-to-train top-1 scores next to the nulls (metrics['distribution'])."""
+    stats = ["mean", "p50", "p75", "p90", "p95", "p99"]
+    labels = {"synthetic_top1": "synthetic -> nearest training", "null_train_to_val": "null: training -> nearest "
+              "validation", "null_val_to_train": "null: validation -> nearest training"}
+    rows = [[_text(labels.get(name, name))] + [_text(f"{float(values[s]):.4f}") for s in stats]
+            for name, values in distribution.items()]
+    return _table(["scores"] + stats, rows, table_id="distribution", number_columns=set(range(1, 7)))
 
 
 def write_report(out_uri: str, html: str) -> None:

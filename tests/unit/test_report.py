@@ -210,3 +210,15 @@ def test_write_report_stores_the_page_as_utf8(tmp_path):
     write_report(str(target), page)
 
     assert target.read_text(encoding="utf-8") == page
+
+
+def test_both_calibrations_and_score_distributions_are_tabled():
+    figures = {"threshold_copies": 0.93, "threshold_memorized": 0.94, "pct_copies": 40.0, "pct_memorized_train": 30.0,
+               "pct_memorized_patients": 50.0, "implied_fpr_copies": 0.05, "measured_fpr_copies": 0.33,
+               "measured_fpr_memorized": 0.05}
+    metrics = {**METRICS, "calibrations": {"paper": figures, "matched": {**figures, "measured_fpr_copies": 0.06}},
+               "distribution": {"synthetic_top1": dict.fromkeys(["mean", "p50", "p75", "p90", "p95", "p99"], 0.9)}}
+
+    page = render(metrics=metrics)
+
+    assert ">0.330<" in page and ">0.060<" in page and "synthetic -&gt; nearest training" in page
