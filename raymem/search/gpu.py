@@ -33,9 +33,9 @@ its index may differ from the exact one where two query rows score within the lo
 
 What ``method="auto"`` picks, and its accuracy contract: on CUDA with triton, "fused" in
 ``"tf32x3"``, measured on an H200 (Triton 3.6, n = m = 65,536 random unit rows with planted
-copies, benchmarks/gpu_search.py) at 43 %, 78 % and 93 % of the pair rate of a float32
-``torch.mm`` of the same shape at d = 32, 128 and 512; exact "fused" ieee reached 31 % and 40 %
-(d = 32, 128), chunked mm + ``torch.topk`` 16 %, 36 % and 62 %. tf32x3 scores differ from float32
+copies, benchmarks/gpu_search.py; second run) with the default tiling at 46 %, 89 % and 113 % of the
+pair rate of a float32 ``torch.mm`` of the same shape at d = 32, 128 and 512; exact "fused" ieee
+reached 45 %, 48 % and 40 %, chunked mm + ``torch.topk`` 16 %, 35 % and 62 %. tf32x3 scores differ from float32
 ones by float32 rounding, not more, so they are not bit-exact: against a float64 brute force its
 top-1 matched for all 65,536 query rows at every d, and for all but one reference row at d = 128
 and at d = 512, where the float64 best and the chosen row scored within float32 rounding
@@ -115,9 +115,11 @@ class TritonTiling:
 # The fastest that compiled on an H200 with Triton 3.6 (benchmarks/gpu_search.py). The FMA dot
 # (ieee) holds a whole depth step of both operands in registers, hence its short steps.
 # "mm_reduce" reads scores from memory, so its block_depth is unused.
+# Fastest measured on an H200 (Triton 3.6, n = m = 65,536, k = 5; docs/benchmarks.md): tf32x3 128x128x32 reached
+# 45.7 / 88.7 / 112.5 % of fp32 torch.mm at d = 32 / 128 / 512, exact ieee 64x128x16 reached 45.2 / 48.0 / 39.8 %.
 DEFAULT_TILINGS = {
-    ("fused", "ieee"): TritonTiling(128, 128, 16, num_warps=8, num_stages=3),
-    ("fused", "tf32x3"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
+    ("fused", "ieee"): TritonTiling(64, 128, 16, num_warps=4, num_stages=3),
+    ("fused", "tf32x3"): TritonTiling(128, 128, 32, num_warps=8, num_stages=3),
     ("fused", "tf32"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("fused", "bf16"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("mm_reduce", "ieee"): TritonTiling(64, 128, 16, num_warps=4, num_stages=2),
