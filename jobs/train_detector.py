@@ -1,0 +1,11 @@
+"""Train the contrastive copy detector (Ray Train).
+
+`ray job submit --working-dir . -- python jobs/train_detector.py --config jobs/configs/<study>.yaml`
+"""
+
+import sys
+
+from raymem.jobconfig import main
+
+if __name__ == "__main__":
+    sys.exit(main(("train-detector",)))

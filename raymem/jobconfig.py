@@ -1,0 +1,269 @@
+"""Job configs for ``ray job submit`` entrypoints (jobs/*.py): one YAML file, a section per stage.
+
+A job file names where everything lives once (``storage_root``, or RAYMEM_STORAGE_ROOT from the environment) and
+each stage's settings in its own section; the paths between stages are derived here, so a stage section never
+names another stage's output::
+
+    storage_root: s3://bucket/studies     # optional: else RAYMEM_STORAGE_ROOT
+    tracking_uri: http://mlflow:5000      # optional: else MLFLOW_TRACKING_URI, else sqlite under a local root
+    experiment: xray2d
+    run_name: paper                       # the job's identity: rerun with the same name to resume
+    data: {phantoms: {kind: xray2d, patients: 100, images_per_patient: 4, size: 64}}   # or {source: raw/xray}
+    ingest: {...}       IngestConfig
+    detector: {...}     DetectorTrainConfig without dataset, out, run_name, experiment
+    embed: {...}        EmbedConfig without detector, data, out
+    ldm: {...}          LDMTrainConfig without dataset, out, run_name, experiment
+    sample: {...}       SampleConfig without run, out; n defaults to the training image count (the paper's rule)
+    audit: {...}        AuditConfig, plus ``distributed``
+
+A relative ``data.source`` lies under ``storage_root``. Layout under ``storage_root``: datasets/<run_name>,
+detector/<run_name>/detector.pt, embeddings/<run_name>, ldm/<run_name>/epoch-<E>, synthetic/<run_name>,
+audits/<run_name>.
+
+Every stage is skipped when its committed output exists and resumes from its checkpoints otherwise, so a job
+resubmitted with the same run name picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from raymem import config, storage
+from raymem.config import ConfigError, _Strict
+
+STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
+
+
+class PhantomSource(_Strict):
+    """Phantom patients generated straight into the dataset (the embedded default data)."""
+
+    kind: Literal["xray2d", "ct3d", "mri3d"] = "xray2d"
+    patients: int = Field(default=100, ge=2)
+    images_per_patient: int = Field(default=4, ge=1)
+    size: int = Field(default=64, ge=8, description="pixels per side")
+    seed: int = 0
+
+
+class DataSection(_Strict):
+    """Where the images come from: phantoms, or a folder of raw files (``source``) to ingest."""
+
+    phantoms: PhantomSource | None = None
+    source: str | None = Field(default=None, description="NIfTI / DICOM / PNG / MedMNIST files to ingest: a URI, "
+                                                         "or a path relative to storage_root")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataSection:
+        if (self.phantoms is None) == (self.source is None):
+            raise ValueError("set exactly one of data.phantoms and data.source")
+        return self
+
+
+class AuditSection(config.AuditConfig):
+    """The audit's settings, plus where its all-pairs search runs (Ray tasks across the cluster, or in-process)."""
+
+    distributed: bool = True
+
+
+class JobConfig(_Strict):
+    """A job file, validated; the per-stage typed configs come from the methods below."""
+
+    storage_root: str | None = Field(default=None, description=f"URI; when absent, ${STORAGE_ROOT_ENV}")
+    tracking_uri: str | None = Field(default=None, description="when absent, $MLFLOW_TRACKING_URI")
+    experiment: str = "raymem"
+    run_name: str = Field(default="raymem", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSection
+    ingest: dict[str, Any] = Field(default_factory=dict)
+    detector: dict[str, Any] = Field(default_factory=dict)
+    embed: dict[str, Any] = Field(default_factory=dict)
+    ldm: dict[str, Any] = Field(default_factory=dict)
+    sample: dict[str, Any] = Field(default_factory=dict)
+    audit: AuditSection = AuditSection()
+
+    @model_validator(mode="after")
+    def _stage_sections_valid(self) -> JobConfig:
+        # Validate every section now, so a typo in the ldm section fails at submit time, not after training.
+        self.ingest_config()
+        for stage in ("train-detector", "embed", "train-ldm", "sample"):
+            self.stage_config(stage, root=self.storage_root or f"${STORAGE_ROOT_ENV}", train_images=1)
+        return self
+
+    def root(self) -> str:
+        """The storage root: the file's ``storage_root``, else $RAYMEM_STORAGE_ROOT."""
+        root = self.storage_root or os.environ.get(STORAGE_ROOT_ENV)
+        if not root:
+            raise ConfigError(f"storage_root: not set; put it in the job file or export {STORAGE_ROOT_ENV}=s3://...")
+        return root.rstrip("/")
+
+    def ingest_config(self) -> config.IngestConfig:
+        return config.validate(config.IngestConfig, self.ingest)
+
+    def paths(self, root: str | None = None) -> dict[str, str]:
+        """Every stage's input/output URI under the storage root."""
+        root = root or self.root()
+        name = self.run_name
+        source = self.data.source or ""
+        return {
+            "source": source if "://" in source or source.startswith("/") else storage.join(root, source),
+            "dataset": storage.join(root, "datasets", name),
+            "detector": storage.join(root, "detector", name, "detector.pt"),
+            "embeddings": storage.join(root, "embeddings", name),
+            "ldm_run": storage.join(root, "ldm", name),
+            "synthetic": storage.join(root, "synthetic", name),
+            "audit": storage.join(root, "audits", name),
+        }
+
+    def stage_config(self, stage: str, root: str | None = None, train_images: int | None = None) -> BaseModel:
+        """The typed config of a training/embedding/sampling stage with its derived paths filled in.
+
+        ``train_images`` is sample's ``n`` when the sample section leaves it out (as many synthetic samples as
+        training images); when None it is read from the dataset's manifest.
+        """
+        root = root or self.root()
+        paths = self.paths(root)
+        sample_derived = {"run": paths["ldm_run"], "out": paths["synthetic"]}
+        if stage == "sample" and "n" not in self.sample:
+            sample_derived["n"] = train_images or _train_images(paths["dataset"])
+        identity = {"run_name": self.run_name, "experiment": self.experiment}
+        section, model, derived = {
+            "train-detector": (self.detector, config.DetectorTrainConfig,
+                               {"dataset": paths["dataset"], "out": root, **identity}),
+            "embed": (self.embed, config.EmbedConfig,
+                      {"detector": paths["detector"], "data": paths["dataset"], "out": paths["embeddings"]}),
+            "train-ldm": (self.ldm, config.LDMTrainConfig, {"dataset": paths["dataset"], "out": root, **identity}),
+            "sample": (self.sample, config.SampleConfig, sample_derived),
+        }[stage]
+        section_name = {"train-detector": "detector", "train-ldm": "ldm"}.get(stage, stage)
+        clashes = sorted(set(section) & set(derived))
+        if clashes:
+            raise ConfigError(f"{section_name}.{clashes[0]}: set by the job (from storage_root, run_name and "
+                              f"experiment); remove it from the {section_name} section")
+        return config.validate(model, {**section, **derived})
+
+
+def _train_images(dataset_uri: str) -> int:
+    from raymem.data import shards
+
+    return shards.read_manifest(dataset_uri)["splits"]["train"]["images"]
+
+
+def load_job(uri: str, *, run_name: str | None = None) -> JobConfig:
+    """Read and validate a job file (local or s3://); ``run_name`` overrides the file's."""
+    try:
+        values = yaml.safe_load(storage.read_bytes(uri)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{uri} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{uri} must hold a mapping of section: settings, got {type(values).__name__}")
+    if run_name is not None:
+        values["run_name"] = run_name
+    return config.validate(JobConfig, values)
+
+
+def _done(marker_uri: str, stage: str, output_uri: str) -> bool:
+    """True when the stage committed its output (``marker_uri`` exists); else clears what an interrupted try left.
+
+    Stages without checkpoints (data, embed, sample, audit) write part files whose names depend on how Ray Data
+    batched the rows, so a second try over a first one's leftovers could hold a sample twice: it starts clean.
+    """
+    if storage.exists(marker_uri):
+        print(f"{stage}: already done, {marker_uri}", flush=True)
+        return True
+    storage.delete(output_uri)
+    return False
+
+
+def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
+    """Run one stage of the job (skipped when its committed output exists); returns a printable summary."""
+    from raymem.data import shards
+
+    paths = job.paths()
+    if stage == "data":
+        if _done(storage.join(paths["dataset"], shards.MANIFEST), stage, paths["dataset"]):
+            return {"dataset": paths["dataset"]}
+        from raymem.data.ingest import ingest, phantom_dataset
+
+        if job.data.phantoms is not None:
+            summary = phantom_dataset(paths["dataset"], **job.data.phantoms.model_dump(), cfg=job.ingest_config())
+        else:
+            summary = ingest(paths["source"], paths["dataset"], job.ingest_config())
+        print("\n".join(summary.lines()), flush=True)
+        return {"dataset": paths["dataset"], "ingested": summary.ingested, "quarantined": summary.quarantined}
+    if stage == "train-detector":
+        if storage.exists(paths["detector"]):
+            print(f"{stage}: already done, {paths['detector']}", flush=True)
+            return {"detector": paths["detector"]}
+        from raymem.train.detector import train_detector
+
+        result = train_detector(job.stage_config(stage))
+        return {"detector": result["detector"], "mlflow_run_id": result["run_id"]}
+    if stage == "embed":
+        from raymem.embed import embed_dataset
+
+        storage.delete(paths["embeddings"])
+        return {"embeddings": paths["embeddings"], "rows": embed_dataset(job.stage_config(stage))}
+    if stage == "train-ldm":
+        from raymem.generate import saved_epochs
+        from raymem.train.ldm import train_ldm
+
+        cfg = job.stage_config(stage)
+        last_epoch = cfg.autoencoder_epochs + cfg.diffusion_epochs - 1
+        if storage.exists(paths["ldm_run"]) and last_epoch in saved_epochs(paths["ldm_run"]):
+            print(f"{stage}: already done, {paths['ldm_run']} has epoch {last_epoch}", flush=True)
+            return {"run": paths["ldm_run"]}
+        result = train_ldm(cfg)
+        return {"run": result["run"], "mlflow_run_id": result["run_id"]}
+    if stage == "sample":
+        if _done(storage.join(paths["synthetic"], shards.MANIFEST), stage, paths["synthetic"]):
+            return {"out": paths["synthetic"]}
+        from raymem.generate import sample_run
+
+        return sample_run(job.stage_config(stage))
+    if stage == "audit":
+        if _done(storage.join(paths["audit"], "metrics.json"), stage, paths["audit"]):
+            return {"audit": paths["audit"]}
+        from raymem.audit.images import audit_images
+
+        audit_cfg = config.AuditConfig(**job.audit.model_dump(exclude={"distributed"}))
+        metrics = audit_images(paths["dataset"], paths["synthetic"], paths["detector"], paths["audit"], audit_cfg,
+                               distributed=job.audit.distributed, experiment=job.experiment,
+                               run_name=f"audit/{job.run_name}")
+        return {"audit": paths["audit"], **{k: metrics[k] for k in ("threshold", "pct_memorized_train", "pct_copies")}}
+    raise AssertionError(f"unknown stage {stage!r}")
+
+
+def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
+    """The body of every jobs/*.py entrypoint: parse --config/--run-name, join Ray, run ``stages`` in order."""
+    parser = argparse.ArgumentParser(description=f"raymem job: {' -> '.join(stages)}. "
+                                                 "Submit with `ray job submit --working-dir . -- python jobs/...`.")
+    parser.add_argument("--config", required=True, help="job YAML (local path or s3://), a section per stage")
+    parser.add_argument("--run-name", help="override the file's run_name (same name: resume; new name: new run)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job = load_job(args.config, run_name=args.run_name)
+        job.root()
+    except ConfigError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    if job.tracking_uri:
+        # The stages read MLFLOW_TRACKING_URI (raymem.tracking); the file's value wins for this process.
+        os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
+    from raymem import runtime
+
+    runtime.init_ray()
+    for stage in stages:
+        print(f"== {stage} ({job.run_name})", flush=True)
+        started = time.perf_counter()
+        summary = run_stage(job, stage)
+        print(json.dumps(summary, indent=2, default=str), f"\n== {stage} took {time.perf_counter() - started:.0f} s",
+              flush=True)
+    return 0
