@@ -235,7 +235,7 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
         audit_cfg = config.AuditConfig(**job.audit.model_dump(exclude={"distributed"}))
         metrics = audit_images(paths["dataset"], paths["synthetic"], paths["detector"], paths["audit"], audit_cfg,
                                distributed=job.audit.distributed, experiment=job.experiment,
-                               run_name=f"audit/{job.run_name}")
+                               run_name=f"audit/{job.run_name}", embed_settings=job.embed)
         return {"audit": paths["audit"], **{k: metrics[k] for k in ("threshold", "pct_memorized_train", "pct_copies")}}
     raise AssertionError(f"unknown stage {stage!r}")
 

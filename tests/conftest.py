@@ -65,3 +65,18 @@ def ray_cluster(s3_server):
     DataContext.get_current().execution_no_progress_timeout_s = 120
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def make_phantom_dataset(tmp_path):
+    """make_phantom_dataset(kind, patients, per_patient) -> URI of a committed 32-pixel phantom dataset (25 % val)."""
+    from raymem import config
+    from raymem.data.ingest import phantom_dataset
+
+    def make(kind: str, patients: int, per_patient: int) -> str:
+        uri = str(tmp_path / f"ds-{kind}")
+        phantom_dataset(uri, kind, patients=patients, images_per_patient=per_patient, size=32, seed=0,
+                        cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.0}))
+        return uri
+
+    return make

@@ -107,21 +107,26 @@ def images_by_id(dataset_uri: str, split: str, sample_ids: Iterable[str]) -> dic
 
 def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_uri: str, cfg: AuditConfig, *,
                  labels_csv: str | None = None, distributed: bool = False, experiment: str = "raymem",
-                 run_name: str = "audit") -> dict:
-    """Embed, audit and report; returns the metrics dict (also in <out>/metrics.json and MLflow)."""
+                 run_name: str = "audit", embed_settings: dict | None = None) -> dict:
+    """Embed, audit and report; returns the metrics dict (also in <out>/metrics.json and MLflow).
+
+    embed_settings: EmbedConfig fields other than detector/data/out/splits (batch_size, num_actors, use_gpu).
+    """
     from raymem.embed import embed_dataset
+
+    def embed(data: str, out: str, splits: tuple[str, ...]) -> None:
+        settings = {key: value for key, value in (embed_settings or {}).items() if key != "splits"}
+        embed_dataset(EmbedConfig(detector=detector_uri, data=data, out=out, splits=splits, **settings))
 
     manifest = shards.read_manifest(dataset_uri)
     synthetic_dataset = synthetic_as_dataset(synthetic_uri, manifest, out_uri)
     emb = storage.join(out_uri, "embeddings")
-    embed_dataset(EmbedConfig(detector=detector_uri, data=dataset_uri, out=emb, splits=("train", "val")))
-    embed_dataset(EmbedConfig(detector=detector_uri, data=synthetic_dataset,
-                              out=storage.join(emb, "synthetic", "generated"), splits=("train",)))
+    embed(dataset_uri, emb, ("train", "val"))
+    embed(synthetic_dataset, storage.join(emb, "synthetic", "generated"), ("train",))
     planted = {}
     if cfg.plant_copies:
         planted = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri)
-        embed_dataset(EmbedConfig(detector=detector_uri, data=storage.join(out_uri, "planted-dataset"),
-                                  out=storage.join(emb, "synthetic", PLANTED), splits=("train",)))
+        embed(storage.join(out_uri, "planted-dataset"), storage.join(emb, "synthetic", PLANTED), ("train",))
 
     result = embedding_audit.run_audit(
         storage.join(emb, "train"), storage.join(emb, "val"), storage.join(emb, "synthetic"),

@@ -7,18 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymem import config, storage
-from raymem.data.ingest import phantom_dataset
 from raymem.embed import embed_dataset
 from raymem.train.detector import train_detector
 
 pytestmark = pytest.mark.slow
-
-
-def _dataset(root, kind: str, patients: int, per_patient: int) -> str:
-    uri = str(root / f"ds-{kind}")
-    phantom_dataset(uri, kind, patients=patients, images_per_patient=per_patient, size=32, seed=0,
-                    cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.0}))
-    return uri
 
 
 def _train_cfg(dataset: str, out: str, **overrides) -> config.DetectorTrainConfig:
@@ -35,8 +27,9 @@ def _mlflow_runs(out: str):
     return client, client.search_runs([experiment.experiment_id])
 
 
-def test_2d_training_survives_a_crash_in_epoch_2_and_logs_one_finished_run(ray_cluster, tmp_path):
-    dataset = _dataset(tmp_path, "xray2d", patients=16, per_patient=3)
+def test_2d_training_survives_a_crash_in_epoch_2_and_logs_one_finished_run(ray_cluster, tmp_path,
+                                                                        make_phantom_dataset):
+    dataset = make_phantom_dataset("xray2d", patients=16, per_patient=3)
     out = str(tmp_path / "out")
 
     result = train_detector(_train_cfg(dataset, out, fail_at_epoch=1, max_failures=1))
@@ -50,8 +43,8 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_logs_one_finished_run(ray_c
     assert "detector.copy_strong_auc" in runs[0].data.metrics
 
 
-def test_3d_training_then_embeddings_have_the_schema_and_count(ray_cluster, tmp_path):
-    dataset = _dataset(tmp_path, "ct3d", patients=8, per_patient=2)
+def test_3d_training_then_embeddings_have_the_schema_and_count(ray_cluster, tmp_path, make_phantom_dataset):
+    dataset = make_phantom_dataset("ct3d", patients=8, per_patient=2)
     out = str(tmp_path / "out")
     trained = train_detector(_train_cfg(dataset, out, epochs=1, batch_size=2, eval_every=1, eval_max_images=8))
 

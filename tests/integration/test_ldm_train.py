@@ -7,18 +7,10 @@ import pytest
 
 from raymem import config, storage
 from raymem.data import shards
-from raymem.data.ingest import phantom_dataset
 from raymem.generate import sample_run
 from raymem.train.ldm import train_ldm
 
 pytestmark = pytest.mark.slow
-
-
-def _dataset(root, kind: str, patients: int, per_patient: int) -> str:
-    uri = str(root / f"ds-{kind}")
-    phantom_dataset(uri, kind, patients=patients, images_per_patient=per_patient, size=32, seed=0,
-                    cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.0}))
-    return uri
 
 
 def _train_cfg(dataset: str, out: str, **overrides) -> config.LDMTrainConfig:
@@ -41,8 +33,8 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tmp_path):
-    dataset = _dataset(tmp_path, "xray2d", patients=12, per_patient=2)
+def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tmp_path, make_phantom_dataset):
+    dataset = make_phantom_dataset("xray2d", patients=12, per_patient=2)
     out = str(tmp_path / "out")
 
     result = train_ldm(_train_cfg(dataset, out, fail_at_epoch=1, max_failures=1, train_size=16))
@@ -59,8 +51,8 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tm
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples-epoch-00003.png"]
 
 
-def test_3d_training_then_sampling_any_saved_epoch(ray_cluster, tmp_path):
-    dataset = _dataset(tmp_path, "ct3d", patients=8, per_patient=1)
+def test_3d_training_then_sampling_any_saved_epoch(ray_cluster, tmp_path, make_phantom_dataset):
+    dataset = make_phantom_dataset("ct3d", patients=8, per_patient=1)
     out = str(tmp_path / "out")
     trained = train_ldm(_train_cfg(dataset, out, autoencoder_epochs=1, diffusion_epochs=2, batch_size=2,
                                    grid_every=10, eval_max_images=2))
