@@ -13,9 +13,15 @@ from raymem.models import ldm as core
 from raymem.train.ldm import nested_subset
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny preset's ops are too small to gain from a second thread, and on a loaded 2-core machine two threads
+    per process made a diffusion step 5-13x slower (measured at load 8). Module scope: the autoencoder fixture runs
+    with it too; restored afterwards for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -91,12 +97,18 @@ def _nearest_training_correlation(samples: torch.Tensor, training: torch.Tensor)
     return (unit(samples) @ unit(training).T).max(1).values
 
 
+# The tiny preset at 16x16 (latents 3x4x4): a diffusion step on 16 latents costs ~30 ms on one core, so the long run
+# (500 steps) takes ~15-60 s with the machine idle to loaded. The four phantoms are alike (pairwise pixel correlation
+# up to 0.82) and their mean image correlates 0.91 with its nearest: a blurry average stays below the 0.95 threshold.
+MEMORIZATION_SIZE = 16
+
+
 @pytest.fixture(scope="module")
 def four_images_and_autoencoder():
     images = torch.from_numpy(np.stack([
         transforms.normalise_intensity(image.array, image.modality, intensity_range=(0.0, 1.0),
                                        ct_window_hu=(-1000.0, 1000.0), percentiles=(0.5, 99.5))[None]
-        for image in phantoms.generate("xray2d", patients=4, images_per_patient=1, size=32, seed=0)]))
+        for image in phantoms.generate("xray2d", patients=4, images_per_patient=1, size=MEMORIZATION_SIZE, seed=0)]))
     torch.manual_seed(0)
     model = core.build_ldm("tiny", 2)
     optimizer = torch.optim.Adam(model.autoencoder.parameters(), 1e-3)
@@ -106,29 +118,32 @@ def four_images_and_autoencoder():
     return images, model.state_dict()
 
 
-def _train_diffusion_and_sample(images: torch.Tensor, autoencoded_state: dict, steps: int) -> torch.Tensor:
-    torch.manual_seed(1)
+def _train_diffusion_and_sample(images: torch.Tensor, autoencoded_state: dict, steps: int, seed: int) -> torch.Tensor:
+    """8 DDIM samples of the tiny UNet after ``steps`` updates (Adam, lr 3e-3 decayed linearly to 0) on the latents."""
+    torch.manual_seed(seed)
     model = core.build_ldm("tiny", 2)
     model.load_state_dict(autoencoded_state)
     latents = model.encode(images).repeat(4, 1, 1, 1)  # 4 copies per step: more timesteps seen per update
-    optimizer = torch.optim.Adam(model.unet.parameters(), 2e-3)
-    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.unet.parameters(), 3e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    scheduler, generator = core.noise_scheduler(), torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        core.diffusion_step(model.unet, optimizer, core.noise_scheduler(), latents, generator)
-    return core.sample_images(model, (32, 32), seeds=range(8), ddim_steps=20)
+        core.diffusion_step(model.unet, optimizer, scheduler, latents, generator)
+        decay.step()
+    return core.sample_images(model, images.shape[2:], seeds=range(8), ddim_steps=20)
 
 
 def test_a_tiny_ldm_trained_long_on_four_images_reproduces_them(four_images_and_autoencoder):
     images, state = four_images_and_autoencoder
 
-    samples = _train_diffusion_and_sample(images, state, steps=500)
+    samples = _train_diffusion_and_sample(images, state, steps=500, seed=1)
 
-    assert float(_nearest_training_correlation(samples, images).median()) > 0.95
+    assert float(_nearest_training_correlation(samples, images).median()) > 0.95  # measured 0.986-0.988
 
 
 def test_the_same_tiny_ldm_trained_briefly_does_not(four_images_and_autoencoder):
     images, state = four_images_and_autoencoder
 
-    samples = _train_diffusion_and_sample(images, state, steps=40)
+    samples = _train_diffusion_and_sample(images, state, steps=40, seed=1)
 
-    assert float(_nearest_training_correlation(samples, images).median()) < 0.95
+    assert float(_nearest_training_correlation(samples, images).median()) < 0.95  # measured 0.23-0.32
