@@ -1,47 +1,106 @@
-"""``make demo``: the main job on the embedded default data (phantom patients), on one machine.
+"""``make demo``: the whole study on the embedded default data (phantom patients), on one machine.
 
-phantoms -> real PNG and DICOM files -> ingest (Ray Data) -> a printed summary of what landed where.
+phantom X-rays written as real 16-bit PNG files -> ingest (Ray Data) -> copy detector (Ray Train) -> a tiny
+latent diffusion model trained long on deliberately few images (Ray Train) -> synthetic samples (Ray Data) ->
+the exact audit with planted copies -> report.html, an MLflow store and a printed summary.
+It runs the same stages as ``jobs/pipeline.py`` with ``jobs/configs/demo-xray2d.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
-from raymem import config, runtime, storage
-from raymem.data import phantoms
-from raymem.data.ingest import ingest
+from raymem import runtime, storage
+from raymem.data import phantoms, shards
+from raymem.jobconfig import load_job, run_stage
+
+STAGES = ("data", "train-detector", "train-ldm", "sample", "audit")
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo-xray2d.yaml"
 
 
 def run(out: str, *, patients: int, images_per_patient: int, seed: int) -> None:
+    out = str(Path(out).absolute())
     storage.delete(out)
+    os.environ["RAYMEM_STORAGE_ROOT"] = out
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
     started = time.perf_counter()
-    studies = [
-        # (name, phantom kind, file format, ingest settings)
-        ("xray2d", "xray2d", "png", {"spatial_dims": 2, "size": (64, 64)}),
-        ("ct3d", "ct3d", "dicom", {"spatial_dims": 3, "size": (32, 32, 32)}),
-    ]
+    job = load_job(str(DEMO_CONFIG))
+    print(f"== phantoms: {patients} patients x {images_per_patient} X-rays -> PNG files")
+    phantoms.write_files(storage.join(out, "raw", "xray2d"), "xray2d", patients=patients,
+                         images_per_patient=images_per_patient, size=32, seed=seed, file_format="png")
     runtime.init_ray()
-    for name, kind, file_format, settings in studies:
-        raw = storage.join(out, "raw", name)
-        dataset = storage.join(out, "datasets", name)
-        n_patients = patients if kind == "xray2d" else max(4, patients // 5)
-        size = 64 if kind == "xray2d" else 32
-        print(f"\n== {name}: {n_patients} phantom patients -> {file_format.upper()} files -> ingest")
-        phantoms.write_files(raw, kind, patients=n_patients, images_per_patient=images_per_patient if kind == "xray2d"
-                             else 1, size=size, seed=seed, file_format=file_format)
-        cfg = config.validate(config.IngestConfig, {**settings, "seed": seed})
-        summary = ingest(raw, dataset, cfg)
-        print("\n".join(summary.lines()))
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; datasets under {storage.join(out, 'datasets')}")
+    results = {}
+    for stage in STAGES:
+        print(f"== {stage}", flush=True)
+        stage_started = time.perf_counter()
+        results[stage] = run_stage(job, stage)
+        print(f"   {stage} took {time.perf_counter() - stage_started:.0f} s", flush=True)
+    print("\n".join(summary_lines(job, out, time.perf_counter() - started)))
+
+
+def summary_lines(job, out: str, seconds: float) -> list[str]:
+    """What a person wants to read after the demo: data, detector accuracy, memorization, where to look next."""
+    paths = job.paths(out)
+    manifest = shards.read_manifest(paths["dataset"])
+    metrics = json.loads(storage.read_bytes(storage.join(paths["audit"], "metrics.json")))
+    detector = _last_metrics(f"detector/{job.run_name}")
+    lines = ["", "=" * 72, f"raymem demo finished in {seconds / 60:.1f} min", "=" * 72,
+             f"data      {manifest['found']} PNG files found, {manifest['ingested']} ingested, "
+             f"{manifest['quarantined']} set aside; "
+             + ", ".join(f"{s} {v['images']} images / {v['patients']} patients" for s, v in manifest["splits"].items()
+                         if v["images"])]
+    if detector:
+        lines.append("detector  strong-copy AUC {:.3f} (raw pixels {:.3f}, random encoder {:.3f}); "
+                     "re-identification AUC {:.3f}".format(
+                         detector.get("detector.copy_strong_auc", float("nan")),
+                         detector.get("raw_pixel.copy_strong_auc", float("nan")),
+                         detector.get("random_encoder.copy_strong_auc", float("nan")),
+                         detector.get("detector.reid_auc", float("nan"))))
+    lines += [
+        f"LDM       trained on {job.ldm.get('train_size')} images for {job.ldm.get('diffusion_epochs')} diffusion "
+        f"epochs; {metrics['n_synthetic']} synthetic samples audited (incl. {job.audit.plant_copies} planted copies)",
+        f"threshold tau = {metrics['threshold']:.4f} (P{metrics['percentile']:g} of train->val nearest neighbours, "
+        f"calibration {metrics['calibration']})",
+        f"memorized {metrics['n_memorized_train']} of {metrics['n_train']} training images "
+        f"({metrics['pct_memorized_train']:.1f} %), {metrics['pct_memorized_patients']:.1f} % of patients",
+        f"copies    {metrics['n_copies']} of {metrics['n_synthetic']} synthetic samples ({metrics['pct_copies']:.1f} %)",
+    ]
+    for name, figures in metrics.get("calibrations", {}).items():
+        lines.append(f"  {name:<8} copies {figures['pct_copies']:.1f} %, memorized {figures['pct_memorized_train']:.1f} %,"
+                     f" measured false-positive rate on held-out patients {figures['measured_fpr_copies']:.3f}")
+    if "sensitivity" in metrics:
+        lines.append(f"planted   sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f}, "
+                     f"ROC AUC {metrics['roc_auc']:.3f} on {metrics['planted_copies']['n']} known copies")
+    lines += ["", "look next:",
+              f"  report    {storage.join(paths['audit'], 'report.html')}",
+              f"  matches   {storage.join(paths['audit'], 'matches.parquet')}",
+              f"  MLflow    mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db   (then http://127.0.0.1:5000)"]
+    return lines
+
+
+def _last_metrics(run_key: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from raymem import tracking
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    for experiment in client.search_experiments():
+        found = tracking.find_run(client, experiment.experiment_id, run_key)
+        if found is not None:
+            return dict(found.data.metrics)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raymem.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo-out", help="output folder or s3:// URI (replaced)")
-    parser.add_argument("--patients", type=int, default=60)
+    parser.add_argument("--out", default="demo-out", help="output folder (replaced)")
+    parser.add_argument("--patients", type=int, default=200)
     parser.add_argument("--images-per-patient", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
