@@ -43,15 +43,19 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_logs_one_finished_run(ray_c
     assert "detector.copy_strong_auc" in runs[0].data.metrics
 
 
-def test_3d_training_then_embeddings_have_the_schema_and_count(ray_cluster, tmp_path, make_phantom_dataset):
+def test_3d_training_resumes_after_a_crash_then_embeddings_have_the_schema_and_count(ray_cluster, tmp_path,
+                                                                                      make_phantom_dataset):
     dataset = make_phantom_dataset("ct3d", patients=8, per_patient=2)
     out = str(tmp_path / "out")
-    trained = train_detector(_train_cfg(dataset, out, epochs=1, batch_size=2, eval_every=1, eval_max_images=8))
+    trained = train_detector(_train_cfg(dataset, out, epochs=2, batch_size=2, eval_every=2, eval_max_images=8,
+                                        fail_at_epoch=1, max_failures=1))
 
     counts = embed_dataset(config.validate(config.EmbedConfig, {
         "detector": trained["detector"], "data": dataset, "out": str(tmp_path / "emb"), "num_actors": 1}))
 
     table = pq.read_table(tmp_path / "emb" / "train")
+    assert storage.exists(str(tmp_path / "out" / "detector" / "det" / ".injected-failure"))
+    assert trained["metrics"]["epoch"] == 1
     assert counts["train"] == table.num_rows > 0
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
     assert table.column_names == ["sample_id", "patient_id", "embedding"]
