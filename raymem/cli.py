@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         from raymem.data.shards import DatasetError
         from raymem.storage import StorageError
 
-        if isinstance(err, (IngestError, DatasetError, StorageError)):
+        # Errors a user can cause (bad input, missing files, values the stages refuse) say what to do in one line;
+        # -v shows the traceback.
+        if isinstance(err, (IngestError, DatasetError, StorageError, ValueError, FileNotFoundError)) \
+                and not args.verbose:
             print(f"raymem {args.command}: {err}", file=sys.stderr)
             return 1
         raise
