@@ -19,8 +19,8 @@ import numpy as np
 from raymem import storage
 from raymem.config import IngestConfig, SampleConfig
 from raymem.data import formats, shards
+from raymem.data.ingest import SYNTHETIC_PATIENT, write_dataset
 
-SYNTHETIC_PATIENT = "synthetic"
 _EPOCH_FOLDER = re.compile(r"^epoch-(\d+)/ldm\.pt$")
 
 
@@ -75,7 +75,6 @@ def sample_run(cfg: SampleConfig) -> dict[str, Any]:
     """Sample ``cfg.n`` images from a saved epoch into a synthetic dataset at ``cfg.out``; returns a summary."""
     import ray
 
-    from raymem.data.ingest import write_dataset
     from raymem.models.ldm import load_ldm
 
     uri, epoch = checkpoint_uri(cfg.run, cfg.epoch)
