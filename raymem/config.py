@@ -196,6 +196,10 @@ class LDMTrainConfig(_Strict):
     autoencoder_epochs: int = Field(default=100, ge=1, le=100_000)
     diffusion_epochs: int = Field(default=300, ge=1, le=100_000)
     batch_size: int = Field(default=8, ge=1, le=4096, description="per worker")
+    epoch_repeats: int = Field(
+        default=1, ge=1, le=10_000,
+        description="passes over the worker's shard per epoch, held in memory after the first: for tiny training "
+                    "subsets (memorization studies), where Ray Data's start per pass would dominate")
     lr_autoencoder: float = Field(default=1e-4, gt=0)
     lr_diffusion: float = Field(default=1e-4, gt=0)
     kl_weight: float = Field(default=1e-6, ge=0)

@@ -48,8 +48,8 @@ def nested_subset(sample_ids: Sequence[str], size: int, seed: int) -> list[str]:
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:size]]
 
 
-def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"ldm:{seed}:{rank}:{epoch}".encode()).digest()[:4], "little")
+def _epoch_seed(seed: int, rank: int, epoch: int, repeat: int = 0) -> int:
+    return int.from_bytes(hashlib.sha256(f"ldm:{seed}:{rank}:{epoch}:{repeat}".encode()).digest()[:4], "little")
 
 
 def _images(dataset: str, split: str, sample_ids: Sequence[str] | None, limit: int) -> torch.Tensor:
@@ -124,18 +124,33 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     total_epochs = cfg.autoencoder_epochs + cfg.diffusion_epochs
 
-    def batches(epoch: int):
-        augment = make_augment(spatial_dims=spatial_dims, flip_prob=cfg.augment.flip_prob,
-                               rotate_prob=cfg.augment.rotate_prob, max_rotation_deg=cfg.augment.max_rotation_deg,
-                               seed=_epoch_seed(cfg.seed, rank, epoch)) if cfg.augment.enabled else None
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True):
-            images = np.asarray(batch["image"], dtype=np.float32)
-            yield torch.from_numpy(augment(images) if augment else images).to(device)
+    def batches(epoch: int, repeats: int):
+        """The epoch's batches: the worker's shard streamed once; with repeats > 1 it is held in memory and
+        replayed reshuffled (tiny training subsets, where Ray Data's per-pass start would dominate)."""
+        def augmenter(repeat: int):
+            if not cfg.augment.enabled:
+                return lambda images: images
+            return make_augment(spatial_dims=spatial_dims, flip_prob=cfg.augment.flip_prob,
+                                rotate_prob=cfg.augment.rotate_prob, max_rotation_deg=cfg.augment.max_rotation_deg,
+                                seed=_epoch_seed(cfg.seed, rank, epoch, repeat))
+
+        stream = (np.asarray(batch["image"], dtype=np.float32)
+                  for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True))
+        if repeats == 1:
+            augment = augmenter(0)
+            yield from (torch.from_numpy(augment(images)).to(device) for images in stream)
+            return
+        held = np.concatenate(list(stream))
+        for repeat in range(repeats):
+            augment = augmenter(repeat)
+            order = np.random.default_rng(_epoch_seed(cfg.seed, rank, epoch, repeat)).permutation(len(held))
+            for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+                yield torch.from_numpy(augment(held[order[start:start + cfg.batch_size]])).to(device)
 
     for epoch in range(start_epoch, total_epochs):
         in_diffusion = epoch >= cfg.autoencoder_epochs
         if in_diffusion and not latent_scale_ready:
-            moments = sum((core.latent_moments(model, images) for images in batches(epoch)),
+            moments = sum((core.latent_moments(model, images) for images in batches(epoch, 1)),
                           torch.zeros(3, dtype=torch.float64, device=device))
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(moments)
@@ -144,7 +159,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         generator = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, rank, epoch))
         losses: dict[str, list[float]] = defaultdict(list)
         started, seen, first_batch_s = time.perf_counter(), 0, 0.0
-        for images in batches(epoch):
+        for images in batches(epoch, cfg.epoch_repeats):
             if seen == 0:
                 first_batch_s = time.perf_counter() - started  # Ray Data's per-epoch pipeline start
             seen += images.shape[0]
@@ -225,11 +240,14 @@ def _check_shape(preset: str, image_shape: Sequence[int]) -> None:
                          f"{list(image_shape[1:])}; ingest at another size or choose another preset")
 
 
-def train_ldm(cfg: LDMTrainConfig) -> dict[str, Any]:
-    """Train (or resume) an LDM; returns {"run": run folder URI, "run_id", "metrics" of the last epoch}."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def train_ldm(cfg: LDMTrainConfig, *, tracked: tracking.TrackedRun | None = None,
+              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train (or resume) an LDM; returns {"run": run folder URI, "run_id", "metrics" of the last epoch}.
 
+    tracked: an open MLflow run to log into (a sweep trial's run, which the caller opens, parametrises and ends);
+    None opens the run ``ldm/<run_name>`` here. callbacks: Ray Train callbacks (a sweep passes TuneReportCallback).
+    Rerunning with a larger ``diffusion_epochs`` continues from the last checkpoint: training in segments.
+    """
     from raymem.data.stream import open_split
 
     meta = _dataset_meta(cfg.dataset)
@@ -240,25 +258,35 @@ def train_ldm(cfg: LDMTrainConfig) -> dict[str, Any]:
         training_ids = nested_subset(all_ids, cfg.train_size, cfg.subset_seed)
         storage.write_bytes(storage.join(run_uri(cfg), TRAINING_IDS_FILE), json.dumps(training_ids).encode())
     train_data = open_split(cfg.dataset, "train", sample_ids=training_ids)
+    if tracked is not None:
+        return _fit(cfg, meta, training_ids, train_data, tracked, callbacks)
     uri = tracking.tracking_uri(cfg.out) if not storage.is_s3(cfg.out) else tracking.tracking_uri()
     artifacts = storage.join(cfg.out, "mlartifacts") if storage.is_s3(cfg.out) else \
         str(Path(cfg.out).absolute() / "mlartifacts")
     with tracking.run(cfg.experiment, f"ldm/{cfg.run_name}", uri=uri, artifact_location=artifacts,
-                      tags={"raymem.stage": "train-ldm", "raymem.dataset": cfg.dataset}) as tracked:
-        tracking.log_params(tracked, {k: v for k, v in cfg.model_dump().items() if k != "fail_at_epoch"})
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"cfg": cfg.model_dump(), "dataset_meta": meta, "training_ids": training_ids,
-                               "run_id": tracked.run_id, "tracking_uri": uri,
-                               "failure_marker": storage.join(run_uri(cfg), ".injected-failure")},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                                   resources_per_worker={"CPU": cfg.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=cfg.run_name, storage_path=storage.join(cfg.out, "ldm"),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
-            datasets={"train": train_data},
-        )
-        result = trainer.fit()
-        tracking.log_metrics(tracked, {"epochs_completed": result.metrics["epoch"] + 1})
+                      tags={"raymem.stage": "train-ldm", "raymem.dataset": cfg.dataset}) as opened:
+        tracking.log_params(opened, {k: v for k, v in cfg.model_dump().items() if k != "fail_at_epoch"})
+        return _fit(cfg, meta, training_ids, train_data, opened, callbacks)
+
+
+def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | None, train_data,
+         tracked: tracking.TrackedRun, callbacks: Sequence[Any]) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg.model_dump(), "dataset_meta": meta, "training_ids": training_ids,
+                           "run_id": tracked.run_id, "tracking_uri": tracked.uri,
+                           "failure_marker": storage.join(run_uri(cfg), ".injected-failure")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=storage.join(cfg.out, "ldm"), callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+        datasets={"train": train_data},
+    )
+    result = trainer.fit()
+    tracking.log_metrics(tracked, {"epochs_completed": result.metrics["epoch"] + 1})
     return {"run": run_uri(cfg), "run_id": tracked.run_id, "metrics": result.metrics}
