@@ -125,7 +125,7 @@ def render_report(
         raise ValueError(f"metrics['calibration'] is {calibration!r}: expected one of {sorted(NULL_DESCRIPTIONS)}")
     null_description = NULL_DESCRIPTIONS[calibration]
     # Tables first: they validate the inputs before the slower histogram is drawn.
-    summary_table = _table(
+    summary_table = html_table(
         ["Figure", "Value"], [[_text(label), _text(value)] for label, value in _summary_rows(metrics)],
         table_id="summary",
     )
@@ -173,7 +173,7 @@ def _calibrations_table(calibrations: dict) -> str:
     rows = [[_text(name)] + [_text(fmt.format(float(figures[key]))) if figures.get(key) is not None else "–"
                              for key, _, fmt in columns]
             for name, figures in calibrations.items()]
-    return _table(["calibration"] + [label for _, label, _ in columns], rows, table_id="calibrations",
+    return html_table(["calibration"] + [label for _, label, _ in columns], rows, table_id="calibrations",
                   number_columns=set(range(1, len(columns) + 1))) if rows else ""
 
 
@@ -184,7 +184,7 @@ def _distribution_table(distribution: dict) -> str:
               "validation", "null_val_to_train": "null: validation -> nearest training"}
     rows = [[_text(labels.get(name, name))] + [_text(f"{float(values[s]):.4f}") for s in stats]
             for name, values in distribution.items()]
-    return _table(["scores"] + stats, rows, table_id="distribution", number_columns=set(range(1, 7)))
+    return html_table(["scores"] + stats, rows, table_id="distribution", number_columns=set(range(1, 7)))
 
 
 def write_report(out_uri: str, html: str) -> None:
@@ -334,7 +334,7 @@ def _pairs_table(pairs: Sequence[CopyPair], threshold: float) -> str:
     ]
     flagged = {index for index, pair in enumerate(ranked) if pair.score > threshold}
     headers = ["#", "Synthetic sample", "Most similar training sample", "Score", "Above tau", "Patient"]
-    return _table(headers, rows, empty_text="No pairs to show.", number_columns={0, 3}, flagged_rows=flagged,
+    return html_table(headers, rows, empty_text="No pairs to show.", number_columns={0, 3}, flagged_rows=flagged,
                   table_id="copies")
 
 
@@ -371,11 +371,11 @@ def _patients_table(patients: Sequence[dict]) -> str:
     ]
     flagged = {index for index, row in enumerate(ranked) if int(row["n_memorized"]) > 0}
     headers = ["Patient", "Training images", "Memorized", "Best score"]
-    return _table(headers, rows, empty_text="No patients to show.", number_columns={1, 2, 3},
+    return html_table(headers, rows, empty_text="No patients to show.", number_columns={1, 2, 3},
                   flagged_rows=flagged, table_id="patients")
 
 
-def _table(
+def html_table(
     headers: list[str],
     rows: list[list[str]],
     *,
