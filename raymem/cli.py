@@ -22,6 +22,9 @@ stages:
   audit             embed a dataset and synthetic images (a dataset or any folder of images) and audit them
   filter            privacy filter: the synthetic dataset without the samples an audit flagged as copies
   audit-embeddings  exact all-pairs search of synthetic vs training embeddings -> memorization figures
+  sweep             Ray Tune over the memorization factors (data size, augmentation, model size, training
+                    length): an LDM per trial, audited at several epochs; parent/child runs in MLflow
+  dashboard         comparison plots and an HTML page of a sweep, built from its MLflow runs
 
 Every stage reads and writes URIs: a local path or s3://bucket/prefix (endpoint and credentials from
 AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Ray: joins RAY_ADDRESS when set, else starts
@@ -158,6 +161,22 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
                                top_k=cfg.top_k, calibration=cfg.calibration, plant_copies=cfg.plant_copies,
                                labels_csv=args.labels, seed=cfg.seed, distributed=args.distributed)
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from raymem.sweep import sweep_command
+
+    return sweep_command(args.config, args.sweep, out=sys.stdout)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from raymem import tracking
+    from raymem.dashboard import build_dashboard
+
+    built = build_dashboard(args.experiment, args.out, tracking_uri=args.tracking_uri or tracking.tracking_uri(),
+                            sweep=args.sweep)
+    print(f"dashboard of {built['trials']} trials: {args.out}/index.html")
     return 0
 
 
@@ -308,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder URI")
     _audit_options(p)
     p.set_defaults(func=_audit_embeddings)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep over the memorization factors, tracked in MLflow",
+                       description="Trains the study's data and copy detector once, then one LDM per grid point "
+                                   "(Ray Train inside a Ray Tune trial), audits its checkpoints every AUDIT_EVERY "
+                                   "diffusion epochs and logs a parent run with a child run per trial. Rerun the "
+                                   "same command to resume. See jobs/configs/study-*.yaml.")
+    p.add_argument("--config", required=True, help="study YAML (local path or s3://)")
+    p.add_argument("--sweep", help="override the file's sweep name (same name: resume; new name: new sweep)")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("dashboard", help="plots and an HTML page of a sweep, from MLflow",
+                       description="Memorization against each factor, and memorization, Frechet distance and "
+                                   "validation loss against epochs, as PNGs and a self-contained index.html; also "
+                                   "logged to the sweep's parent run.")
+    p.add_argument("--experiment", required=True, help="the study (MLflow experiment) name")
+    p.add_argument("--out", required=True, help="local output folder")
+    p.add_argument("--sweep", help="the sweep name (default: the experiment's latest sweep)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_dashboard)
     return parser
 
 

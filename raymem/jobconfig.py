@@ -41,6 +41,7 @@ from raymem import config, storage
 from raymem.config import ConfigError, _Strict
 
 STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
+EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
 
 
 class PhantomSource(_Strict):
@@ -208,8 +209,12 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
     if stage == "embed":
         from raymem.embed import embed_dataset
 
-        storage.delete(paths["embeddings"])
-        return {"embeddings": paths["embeddings"], "rows": embed_dataset(job.stage_config(stage))}
+        marker = storage.join(paths["embeddings"], EMBEDDED_MARKER)
+        if _done(marker, stage, paths["embeddings"]):
+            return {"embeddings": paths["embeddings"]}
+        rows = embed_dataset(job.stage_config(stage))
+        storage.write_bytes(marker, json.dumps(rows).encode())
+        return {"embeddings": paths["embeddings"], "rows": rows}
     if stage == "train-ldm":
         from raymem.generate import saved_epochs
         from raymem.train.ldm import train_ldm

@@ -29,6 +29,11 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri).joinpath(*parts))
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute (processes that change directory, like Tune trials, agree)."""
+    return uri if "://" in uri else str(Path(uri).absolute())
+
+
 def _s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}

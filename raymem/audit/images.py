@@ -134,27 +134,34 @@ def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_ur
         labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
     embedding_audit.write_outputs(result, out_uri)
 
-    train_images = images_by_id(dataset_uri, "train", [p["train_id"] for p in result.top_pairs])
-    synthetic_images = images_by_id(synthetic_dataset, "train", [p["synthetic_id"] for p in result.top_pairs])
-    if planted:
-        synthetic_images.update(images_by_id(storage.join(out_uri, "planted-dataset"), "train",
-                                             [p["synthetic_id"] for p in result.top_pairs]))
-    pairs = [CopyPair(synthetic_id=p["synthetic_id"], train_id=p["train_id"], patient_id=p["patient_id"],
-                      score=p["score"], synthetic_image=synthetic_images.get(p["synthetic_id"]),
-                      train_image=train_images.get(p["train_id"])) for p in result.top_pairs]
-    null = result.null_scores if cfg.calibration == "paper" else result.null_scores_matched
-    html = render_report(metrics=result.metrics, synthetic_top1=result.synthetic_top1, null_scores=null,
-                         pairs=pairs, patients=result.patients)
+    planted_dataset = storage.join(out_uri, "planted-dataset") if planted else None
+    html = audit_report(result, dataset_uri, synthetic_dataset, cfg.calibration, planted_dataset)
     write_report(storage.join(out_uri, "report.html"), html)
     _track(result.metrics, html, out_uri, experiment, run_name,
            {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri, **cfg.model_dump()})
     return result.metrics
 
 
-def _numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
+def audit_report(result: embedding_audit.AuditResult, dataset_uri: str, synthetic_dataset_uri: str,
+                 calibration: str, planted_dataset_uri: str | None = None) -> str:
+    """report.html for an audit: its figures, and the images of its top pairs read back from the datasets."""
+    top_synthetic = [p["synthetic_id"] for p in result.top_pairs]
+    train_images = images_by_id(dataset_uri, "train", [p["train_id"] for p in result.top_pairs])
+    synthetic_images = images_by_id(synthetic_dataset_uri, "train", top_synthetic)
+    if planted_dataset_uri:
+        synthetic_images.update(images_by_id(planted_dataset_uri, "train", top_synthetic))
+    pairs = [CopyPair(synthetic_id=p["synthetic_id"], train_id=p["train_id"], patient_id=p["patient_id"],
+                      score=p["score"], synthetic_image=synthetic_images.get(p["synthetic_id"]),
+                      train_image=train_images.get(p["train_id"])) for p in result.top_pairs]
+    null = result.null_scores if calibration == "paper" else result.null_scores_matched
+    return render_report(metrics=result.metrics, synthetic_top1=result.synthetic_top1, null_scores=null,
+                         pairs=pairs, patients=result.patients)
+
+
+def numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
     for key, value in metrics.items():
         if isinstance(value, dict):
-            yield from _numeric_items(value, f"{prefix}{key}.")
+            yield from numeric_items(value, f"{prefix}{key}.")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
             yield f"{prefix}{key}", float(value)
 
@@ -164,7 +171,7 @@ def _track(metrics: dict, html: str, out_uri: str, experiment: str, run_name: st
     uri = tracking.tracking_uri() if storage.is_s3(out_uri) else tracking.tracking_uri(out_uri)
     with tracking.run(experiment, run_name, uri=uri, tags={"raymem.stage": "audit"}) as tracked:
         tracking.log_params(tracked, params)
-        tracking.log_metrics(tracked, dict(_numeric_items(metrics)))
+        tracking.log_metrics(tracked, dict(numeric_items(metrics)))
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "report.html").write_text(html, encoding="utf-8")
             Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -8,125 +8,44 @@ Everything started here is stopped by process id (never `ray stop`, which would 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from services import BIN, free_port, service_env, stop_tree, wait_http
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 CONFIG = "jobs/configs/tiny-xray2d.yaml"
 EXPERIMENT = "raymem-tiny"  # the tiny config's experiment
 PIPELINE = ["python", "jobs/pipeline.py", "--config", CONFIG]
 SECRET = f"secret-{uuid.uuid4().hex}"  # moto accepts any credentials; a unique value is findable in logs
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the process serving {url} exited with {process.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc: Ray's processes may start their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _stop_tree(process: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process and wait; then SIGKILL, by pid, it and every descendant still alive."""
-    family = _descendants(process.pid)
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in [process.pid, *family, *(d for p in family for d in _descendants(p))]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    process.wait(timeout=10)
-
-
-def _service_env() -> dict[str, str]:
-    """This process's environment without the S3 credentials: services must not inherit them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    return env
-
-
-@pytest.fixture(scope="module")
-def mlflow_server():
-    folder = Path(tempfile.mkdtemp(prefix="raymem-mlflow-"))
-    port = _free_port()
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=_service_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 90, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop_tree(process)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; yields the dashboard address."""
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
                                              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--metrics-export-port", "--runtime-env-agent-port",
                                              "--node-manager-port", "--object-manager-port")}
     command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
                *(f"{flag}={port}" for flag, port in ports.items())]
-    process = subprocess.Popen(command, env=_service_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(command, env=service_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
-        _wait_http(f"{address}/api/jobs/", 120, process)
+        wait_http(f"{address}/api/jobs/", 120, process)
         yield address
     finally:
-        _stop_tree(process)
+        stop_tree(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -147,7 +66,7 @@ def cluster(ray_head, mlflow_server, s3_server):
 def _ray(cluster: dict, command: str, *args: str) -> str:
     """`ray job COMMAND --address ... ARGS` from the repository root; returns its stdout."""
     result = subprocess.run([str(BIN / "ray"), "job", command, "--address", cluster["address"], *args], cwd=REPO,
-                            env=_service_env(), capture_output=True, text=True, timeout=120)
+                            env=service_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -14,7 +14,8 @@ from raymem.jobconfig import load_job
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = {"RayCluster": REPO / "cluster/kuberay-raycluster.yaml", "RayJob": REPO / "cluster/kuberay-rayjob.yaml"}
-JOB_CONFIGS = sorted((REPO / "jobs/configs").glob("*.yaml"))
+STUDY_CONFIGS = sorted((REPO / "jobs/configs").glob("study-*.yaml"))  # raymem sweep / jobs/sweep.py
+JOB_CONFIGS = sorted(set((REPO / "jobs/configs").glob("*.yaml")) - set(STUDY_CONFIGS))
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -118,3 +119,14 @@ def test_missing_storage_root_names_the_environment_variable(tmp_path, monkeypat
 
     with pytest.raises(ConfigError, match="RAYMEM_STORAGE_ROOT"):
         load_job(str(path)).root()
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=[p.stem for p in STUDY_CONFIGS])
+def test_study_config_builds_every_trials_ldm_config_under_the_sweep_folder(path):
+    from raymem.sweep import load_study, trial_key
+
+    study = load_study(str(path))
+    root = "s3://bucket/studies"
+
+    outs = {study.ldm_config(factors, root).out for factors in study.trials()}
+    assert outs == {f"{root}/sweeps/{study.study}/{study.sweep}/trials/{trial_key(f)}" for f in study.trials()}

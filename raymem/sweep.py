@@ -1,0 +1,558 @@
+"""Memorization factor sweeps: Ray Tune over training-set size, augmentation, model size and training length.
+
+    study (once; shared by every sweep of the study): data -> copy detector -> train/val embeddings
+    sweep: tune.Tuner(trial) over the factor grid, a parent MLflow run; each trial (a child run):
+        train the LDM in segments of ``audit_every`` diffusion epochs (one TorchTrainer per segment, each resuming
+        from the last checkpoint, TuneReportCallback forwarding its reports), and after each segment audit that
+        checkpoint: sample as many images as the trial trained on -> embed them with the study's detector -> exact
+        audit against the trial's own training subset -> memorization over the subset and over the subset every
+        trial shares, Frechet distance in the detector's space, MS-SSIM diversity, validation loss.
+        Optional early stop when % copies passes a budget or rises for P audits in a row.
+    after the trials: dashboards from MLflow, logged to the parent run.
+
+Layout under storage_root: the study's datasets/<study>, detector/<study>/detector.pt and embeddings/<study> (the
+job layout of raymem.jobconfig, run_name = study), then sweeps/<study>/tune/<sweep> (Ray Tune's state) and
+sweeps/<study>/<sweep>/: study.json (the config it ran with), trials/<trial>/ldm/<trial>/epoch-E (checkpoints),
+trials/<trial>/epoch-E/{synthetic, embeddings, audit, figures.json}, trials/<trial>/trial.json (written last),
+dashboard/.
+
+Resume: rerun the same command. Finished trials (trial.json written) return their recorded figures without
+training; unfinished and failed ones continue from their last checkpoint and skip every sample and audit already
+written. MLflow runs are reopened by key, so a rerun never makes a second parent or child run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from pydantic import Field, model_validator
+
+from raymem import config, storage, tracking
+from raymem.config import ConfigError, _Strict
+from raymem.jobconfig import STORAGE_ROOT_ENV, AuditSection, DataSection, JobConfig
+
+log = logging.getLogger(__name__)
+
+FACTORS = ("train_size", "augment", "preset", "diffusion_epochs")
+TRIAL_DONE = "trial.json"
+FIGURES = "figures.json"
+_DERIVED_LDM_FIELDS = ("dataset", "out", "run_name", "experiment")
+
+
+class Factors(_Strict):
+    """The grid: every combination of these levels is a trial. A factor left out keeps the ldm section's value."""
+
+    train_size: list[int] | None = Field(default=None, description="nested training subsets (images)")
+    augment: list[bool] | None = Field(default=None, description="the paper's flip + rotation, on/off")
+    preset: list[Literal["tiny", "small", "paper2d", "paper3d-ct", "paper3d-mri"]] | None = Field(
+        default=None, description="model size")
+    diffusion_epochs: list[int] | None = Field(
+        default=None, description="training length; shorter lengths are also audited inside each trial "
+                                  "(every audit_every epochs), without retraining")
+
+    @model_validator(mode="after")
+    def _levels(self) -> Factors:
+        for name in FACTORS:
+            levels = getattr(self, name)
+            if levels is not None and (not levels or len(set(levels)) != len(levels)):
+                raise ValueError(f"{name}: needs distinct levels, got {levels}")
+        if self.train_size and min(self.train_size) < 2:
+            raise ValueError(f"train_size: every level must be at least 2, got {self.train_size}")
+        if self.diffusion_epochs and min(self.diffusion_epochs) < 1:
+            raise ValueError(f"diffusion_epochs: every level must be at least 1, got {self.diffusion_epochs}")
+        return self
+
+    def swept(self) -> list[str]:
+        return [name for name in FACTORS if getattr(self, name) is not None]
+
+
+class EarlyStop(_Strict):
+    """Memorization-informed early stopping (beyond the paper); off unless a rule is set."""
+
+    max_pct_copies: float | None = Field(default=None, ge=0, le=100,
+                                         description="stop when % copies exceeds this budget")
+    rising_audits: int | None = Field(default=None, ge=1,
+                                      description="stop when % copies rose in this many consecutive audits")
+
+
+class StudyConfig(_Strict):
+    """A study file, validated: the shared data and detector, the factor grid, and how each trial is audited."""
+
+    study: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="MLflow experiment, and the study's data/detector")
+    sweep: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$", description="the parent run; rerun to resume")
+    storage_root: str | None = Field(default=None, description=f"URI; when absent, ${STORAGE_ROOT_ENV}")
+    tracking_uri: str | None = Field(default=None, description="when absent, $MLFLOW_TRACKING_URI, else sqlite")
+    data: DataSection
+    ingest: dict[str, Any] = Field(default_factory=dict)
+    detector: dict[str, Any] = Field(default_factory=dict)
+    embed: dict[str, Any] = Field(default_factory=dict)
+    ldm: dict[str, Any] = Field(default_factory=dict, description="LDMTrainConfig values shared by every trial")
+    factors: Factors
+    audit_every: int = Field(default=10, ge=1, description="diffusion epochs between audited checkpoints")
+    sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n defaults to the "
+                                                                    "trial's training images (the paper's rule)")
+    audit: AuditSection = AuditSection()
+    early_stop: EarlyStop = EarlyStop()
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    trial_cpus: float = Field(default=1.0, ge=0, description="CPUs held by each trial's driver (audit, sampling)")
+    max_trial_failures: int = Field(default=0, ge=0, description="Tune retries of a crashed trial")
+
+    @model_validator(mode="after")
+    def _sections_valid(self) -> StudyConfig:
+        clashes = sorted(set(self.ldm) & {*_DERIVED_LDM_FIELDS, *self.factors.swept()})
+        if clashes:
+            raise ValueError(f"ldm.{clashes[0]}: set by the sweep (a factor or a derived path); remove it from ldm")
+        if self.audit.plant_copies:
+            raise ValueError("audit.plant_copies: not used in sweeps (each trial is audited on its own samples)")
+        for clash in sorted(set(self.sample) & {"run", "out", "epoch"}):
+            raise ValueError(f"sample.{clash}: set by the sweep for each audited checkpoint; remove it")
+        self.job()
+        for factors in self.trials():
+            self.ldm_config(factors, root="/validation")
+            config.validate(config.SampleConfig, {"run": "-", "out": "-", "n": 1, **self.sample})
+        return self
+
+    def root(self) -> str:
+        root = self.storage_root or os.environ.get(STORAGE_ROOT_ENV)
+        if not root:
+            raise ConfigError(f"storage_root: not set; put it in the study file or export {STORAGE_ROOT_ENV}")
+        return storage.absolute(root.rstrip("/"))
+
+    def job(self) -> JobConfig:
+        """The study's shared stages as a job (run_name = study): data, detector and embeddings."""
+        return config.validate(JobConfig, {
+            "storage_root": storage.absolute(self.storage_root) if self.storage_root else None,
+            "tracking_uri": self.tracking_uri, "experiment": self.study,
+            "run_name": self.study, "data": self.data.model_dump(exclude_none=True), "ingest": self.ingest,
+            "detector": self.detector, "embed": self.embed, "audit": self.audit.model_dump()})
+
+    def levels(self) -> dict[str, list[Any]]:
+        """Every factor's levels (a factor not swept has one: the ldm section's value or the default)."""
+        defaults = config.LDMTrainConfig(dataset="-", out="-", **self.ldm)
+        fixed = {"train_size": defaults.train_size, "augment": defaults.augment.enabled, "preset": defaults.preset,
+                 "diffusion_epochs": defaults.diffusion_epochs}
+        return {name: getattr(self.factors, name) or [fixed[name]] for name in FACTORS}
+
+    def trials(self) -> list[dict[str, Any]]:
+        """The grid's factor combinations, in Tune's grid order."""
+        grid = [{}]
+        for name, levels in self.levels().items():
+            grid = [{**point, name: level} for point in grid for level in levels]
+        return grid
+
+    def ldm_config(self, factors: dict[str, Any], root: str) -> config.LDMTrainConfig:
+        key = trial_key(factors)
+        augment = {**self.ldm.get("augment", {}), "enabled": factors["augment"]}
+        return config.validate(config.LDMTrainConfig, {
+            **self.ldm, "train_size": factors["train_size"], "preset": factors["preset"], "augment": augment,
+            "diffusion_epochs": factors["diffusion_epochs"], "dataset": storage.join(root, "datasets", self.study),
+            "out": trial_uri(root, self.study, self.sweep, key), "run_name": key, "experiment": self.study})
+
+    def shared_size(self) -> int | None:
+        """The training subset every trial trained on (the smallest nested subset); None when all used all."""
+        sizes = self.levels()["train_size"]
+        return None if None in sizes else min(sizes)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_study(uri: str, *, sweep: str | None = None) -> StudyConfig:
+    """Read and validate a study file (local or s3://); ``sweep`` overrides the file's sweep name."""
+    try:
+        values = yaml.safe_load(storage.read_bytes(uri)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{uri} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{uri} must hold a mapping of section: settings, got {type(values).__name__}")
+    if sweep is not None:
+        values["sweep"] = sweep
+    return config.validate(StudyConfig, values)
+
+
+def trial_key(factors: dict[str, Any]) -> str:
+    """A trial's stable name, e.g. ``n16-aug0-tiny-e40`` (``nall`` for the whole training split)."""
+    size = "all" if factors["train_size"] is None else factors["train_size"]
+    return f"n{size}-aug{int(factors['augment'])}-{factors['preset']}-e{factors['diffusion_epochs']}"
+
+
+def sweep_uri(root: str, study: str, sweep: str) -> str:
+    return storage.join(root, "sweeps", study, sweep)
+
+
+def trial_uri(root: str, study: str, sweep: str, key: str) -> str:
+    return storage.join(sweep_uri(root, study, sweep), "trials", key)
+
+
+def audit_epochs(autoencoder_epochs: int, diffusion_epochs: int, audit_every: int) -> list[int]:
+    """The global epochs (0-based, autoencoder epochs first) whose checkpoints are audited: every ``audit_every``
+    diffusion epochs, and the last."""
+    counts = sorted({*range(audit_every, diffusion_epochs + 1, audit_every), diffusion_epochs})
+    return [autoencoder_epochs + count - 1 for count in counts]
+
+
+def early_stop_reason(pct_copies: Sequence[float], rule: EarlyStop) -> str | None:
+    """Why to stop after the latest audit (``pct_copies``: % copies at each audit so far, in order), or None."""
+    if not pct_copies:
+        return None
+    if rule.max_pct_copies is not None and pct_copies[-1] > rule.max_pct_copies:
+        return f"% copies {pct_copies[-1]:.2f} exceeds the budget {rule.max_pct_copies:g}"
+    rises = rule.rising_audits
+    if rises is not None and len(pct_copies) > rises and all(
+            later > earlier for earlier, later in zip(pct_copies[-rises - 1:-1], pct_copies[-rises:])):
+        return f"% copies rose in {rises} consecutive audits"
+    return None
+
+
+def git_revision() -> str:
+    """The code's git revision: RAYMEM_GIT_REVISION, else `git rev-parse HEAD` of this checkout, else 'unknown'
+    (``ray job submit`` uploads the working tree without .git)."""
+    if os.environ.get("RAYMEM_GIT_REVISION"):
+        return os.environ["RAYMEM_GIT_REVISION"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def _embedding_table(uri: str) -> pa.Table:
+    files = storage.list_files(uri, (".parquet",))
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(storage.file_uri(uri, name))))
+                             for name in files])
+
+
+def _embedding_matrix(table: pa.Table) -> np.ndarray:
+    column = table["embedding"].combine_chunks()
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float64).reshape(len(table), -1)
+
+
+def _subset_embeddings(source_uri: str, sample_ids: Sequence[str] | None, out_uri: str) -> None:
+    """The embeddings of ``sample_ids`` (all when None) as one Parquet file."""
+    table = _embedding_table(source_uri)
+    if sample_ids is not None:
+        table = table.filter(pc.is_in(table["sample_id"], value_set=pa.array(sorted(sample_ids), pa.string())))
+        assert table.num_rows == len(set(sample_ids)), (table.num_rows, len(set(sample_ids)))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(out_uri, "part-00000.parquet"), buffer.getvalue())
+
+
+class _Trial:
+    """One trial: its config, its folders, and the audit of one checkpoint. Runs inside a Tune trial actor."""
+
+    def __init__(self, study: StudyConfig, factors: dict[str, Any], context: dict[str, Any]):
+        self.study, self.factors, self.context = study, factors, context
+        self.key = trial_key(factors)
+        self.cfg = study.ldm_config(factors, context["root"])
+        self.folder = trial_uri(context["root"], study.study, study.sweep, self.key)
+        self.paths = study.job().paths(context["root"])
+        self.train_embeddings = storage.join(self.folder, "train-embeddings")  # the trial's own training subset
+
+    def training_ids(self) -> list[str] | None:
+        from raymem.data import shards
+        from raymem.train.ldm import nested_subset
+
+        if self.cfg.train_size is None:
+            return None
+        all_ids = shards.load_split(self.cfg.dataset, "train", ["sample_id"])["sample_id"].to_pylist()
+        return nested_subset(all_ids, self.cfg.train_size, self.cfg.subset_seed)
+
+    def audit(self, epoch: int, training_ids: list[str] | None, shared_ids: list[str] | None) -> dict[str, float]:
+        """Sample, embed and audit the checkpoint of ``epoch``; the figures (cached in figures.json)."""
+        from raymem.audit.embeddings import EmbeddingSource, run_audit, write_outputs
+        from raymem.audit.images import audit_report, numeric_items
+        from raymem.audit.quality import frechet_distance, ms_ssim_diversity
+        from raymem.audit.report import write_report
+        from raymem.data import shards
+        from raymem.embed import embed_dataset
+        from raymem.generate import sample_run
+        from raymem.train.ldm import run_uri
+
+        folder = storage.join(self.folder, f"epoch-{epoch:05d}")
+        figures_uri = storage.join(folder, FIGURES)
+        if storage.exists(figures_uri):
+            return json.loads(storage.read_bytes(figures_uri))
+        synthetic = storage.join(folder, "synthetic")
+        if not storage.exists(storage.join(synthetic, shards.MANIFEST)):
+            storage.delete(synthetic)
+            n = self.study.sample.get("n") or len(training_ids or []) or \
+                shards.read_manifest(self.cfg.dataset)["splits"]["train"]["images"]
+            sample_run(config.validate(config.SampleConfig, {
+                **self.study.sample, "n": n, "run": run_uri(self.cfg), "epoch": epoch, "out": synthetic}))
+        embeddings = storage.join(folder, "embeddings")
+        storage.delete(embeddings)
+        embed_dataset(config.validate(config.EmbedConfig, {
+            **self.study.embed, "detector": self.paths["detector"], "data": synthetic, "out": embeddings,
+            "splits": ("train",)}))
+        audit = self.study.audit
+        result = run_audit(self.train_embeddings, storage.join(self.paths["embeddings"], "val"),
+                           storage.join(embeddings, "train"), percentile=audit.percentile, top_k=audit.top_k,
+                           calibration=audit.calibration, seed=audit.seed, distributed=audit.distributed,
+                           progress=False)
+        out = storage.join(folder, "audit")
+        write_outputs(result, out)
+        write_report(storage.join(out, "report.html"),
+                     audit_report(result, self.cfg.dataset, synthetic, audit.calibration))
+
+        train_rows = result.matches.filter(pc.equal(result.matches["kind"], "train"))
+        memorized = set(train_rows.filter(pc.fill_null(train_rows["is_memorized"], False))["sample_id"].to_pylist())
+        shared = shared_ids if shared_ids is not None else train_rows["sample_id"].to_pylist()
+        synthetic_images = shards.images_of(shards.load_split(synthetic, "train", ["image"])).astype(np.float32)
+        train_matrix = np.concatenate(list(EmbeddingSource(self.train_embeddings, "train",
+                                                           require_patients=True).batches()))
+        synthetic_matrix = np.concatenate(list(EmbeddingSource(storage.join(embeddings, "train"), "synthetic",
+                                                               require_patients=False).batches()))
+        value_range = tuple(shards.read_manifest(self.cfg.dataset)["intensity_range"])
+        metrics = result.metrics
+        figures = {
+            "memorization/pct_memorized_train": metrics["pct_memorized_train"],
+            "memorization/pct_copies": metrics["pct_copies"],
+            "memorization/pct_memorized_patients": metrics["pct_memorized_patients"],
+            "memorization/pct_memorized_shared": 100.0 * len(memorized & set(shared)) / len(shared),
+            "memorization/threshold": metrics["threshold"],
+            "quality/frechet_distance": frechet_distance(synthetic_matrix, train_matrix),
+            "quality/ms_ssim_diversity": ms_ssim_diversity(synthetic_images, value_range),
+            **{f"audit/{name}": value for name, value in numeric_items(metrics)},
+        }
+        storage.write_bytes(figures_uri, json.dumps(figures, indent=2).encode())
+        return figures
+
+
+def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, Any]) -> None:
+    """The Tune trial: train in segments, audit each segment's checkpoint, log, report, maybe stop early."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raymem.generate import saved_epochs
+    from raymem.train.ldm import run_uri, train_ldm
+
+    from ray.data import DataContext
+
+    # Tune's trial table reports progress; a Ray Data bar per stage of every trial would bury it.
+    DataContext.get_current().enable_progress_bars = False
+    trial = _Trial(study, factors, context)
+    done_uri = storage.join(trial.folder, TRIAL_DONE)
+    run_key = f"trial/{study.sweep}/{trial.key}"
+    tags = {"raymem.kind": "trial", "raymem.sweep": study.sweep, "raymem.trial": trial.key,
+            "raymem.dataset": trial.cfg.dataset, "raymem.git_revision": context["git_revision"],
+            "raymem.config_hash": context["config_hash"]}
+    if storage.exists(done_uri):  # finished before the sweep's state was lost: report, do not redo
+        record = json.loads(storage.read_bytes(done_uri))
+        ray.tune.report({name.replace("/", "."): value for name, value in record["final"].items()})
+        return
+    with tracking.run(study.study, run_key, uri=context["tracking_uri"], parent_run_id=context["parent_run_id"],
+                      tags=tags) as tracked:
+        tracking.log_params(tracked, {
+            **{f"factor.{name}": factors[name] for name in FACTORS}, "config_hash": context["config_hash"],
+            "autoencoder_epochs": trial.cfg.autoencoder_epochs, "audit_every": study.audit_every,
+            **{f"ldm.{name}": value for name, value in trial.cfg.model_dump().items()
+               if name not in ("fail_at_epoch", *_DERIVED_LDM_FIELDS)}})
+        training_ids = trial.training_ids()
+        if not storage.exists(trial.train_embeddings):
+            _subset_embeddings(storage.join(trial.paths["embeddings"], "train"), training_ids, trial.train_embeddings)
+        shared_ids = training_ids[:study.shared_size()] if training_ids is not None else None
+        history: list[float] = []
+        stopped = None
+        for epoch in audit_epochs(trial.cfg.autoencoder_epochs, trial.cfg.diffusion_epochs, study.audit_every):
+            segment = trial.cfg.model_copy(update={"diffusion_epochs": epoch + 1 - trial.cfg.autoencoder_epochs})
+            if not (storage.exists(run_uri(segment)) and epoch in saved_epochs(run_uri(segment))):
+                train_ldm(segment, tracked=tracked, callbacks=[TuneReportCallback()])
+            figures = trial.audit(epoch, training_ids, shared_ids)
+            tracking.log_metrics(tracked, figures, step=epoch)
+            tracked.client.log_artifact(tracked.run_id, _local_copy(
+                storage.join(trial.folder, f"epoch-{epoch:05d}", "audit", "report.html")),
+                artifact_path=f"audits/epoch-{epoch:05d}")
+            history.append(figures["memorization/pct_copies"])
+            diffusion_trained = epoch + 1 - trial.cfg.autoencoder_epochs
+            ray.tune.report({**{name.replace("/", "."): value for name, value in figures.items()},
+                             "epoch": epoch, "diffusion_epochs_trained": diffusion_trained})
+            reason = early_stop_reason(history, study.early_stop)
+            if reason:
+                stopped = {"epoch": epoch, "reason": reason}
+                tracked.client.set_tag(tracked.run_id, "raymem.early_stopped_epoch", str(epoch))
+                tracked.client.set_tag(tracked.run_id, "raymem.early_stop_reason", reason)
+                tracking.log_metrics(tracked, {"early_stopped_epoch": epoch}, step=epoch)
+                break
+        storage.write_bytes(done_uri, json.dumps({"trial": trial.key, "factors": factors, "early_stop": stopped,
+                                                  "final": figures}, indent=2, default=str).encode())
+
+
+def _local_copy(uri: str) -> str:
+    """A local path holding ``uri``'s bytes (the file itself when local), for MLflow's log_artifact."""
+    if not storage.is_s3(uri):
+        return uri
+    folder = tempfile.mkdtemp(prefix="raymem-artifact-")
+    path = Path(folder) / uri.rsplit("/", 1)[-1]
+    path.write_bytes(storage.read_bytes(uri))
+    return str(path)
+
+
+def _check_same_study(study: StudyConfig, root: str) -> None:
+    """A sweep resumes only with the config it started with: otherwise its trials would mix two studies."""
+    record = storage.join(sweep_uri(root, study.study, study.sweep), "study.json")
+    if storage.exists(record):
+        started = json.loads(storage.read_bytes(record))
+        if started["config_hash"] != study.digest():
+            raise ConfigError(f"sweep: {study.sweep!r} of study {study.study!r} was started with another config "
+                              f"(hash {started['config_hash']}, now {study.digest()}); rerun it unchanged to resume, "
+                              "or give the new grid its own sweep name")
+    else:
+        storage.write_bytes(record, json.dumps({"config_hash": study.digest(), "config": study.model_dump()},
+                                               indent=2, default=str).encode())
+
+
+def run_sweep(study: StudyConfig) -> dict[str, Any]:
+    """Prepare the study's shared stages, run (or resume) the sweep's trials, build the dashboard.
+
+    Returns {"parent_run_id", "trials": [{trial, status, final figures, early_stop}], "failed": [keys],
+    "dashboard": folder URI}.
+    """
+    import ray.tune
+
+    from raymem.jobconfig import run_stage
+
+    root = study.root()
+    job = study.job()
+    for stage in ("data", "train-detector", "embed"):
+        print(f"== study {study.study}: {stage}", flush=True)
+        run_stage(job, stage)
+    _check_same_study(study, root)
+    uri = study.tracking_uri or (tracking.tracking_uri() if storage.is_s3(root) or os.environ.get(
+        "MLFLOW_TRACKING_URI") else tracking.tracking_uri(root))
+    artifacts = storage.join(root, "mlartifacts")
+    context = {"root": root, "tracking_uri": uri, "git_revision": git_revision(), "config_hash": study.digest()}
+    levels = study.levels()
+    with tracking.run(study.study, f"sweep/{study.sweep}", uri=uri, artifact_location=artifacts,
+                      tags={"raymem.kind": "sweep", "raymem.sweep": study.sweep,
+                            "raymem.dataset": job.paths(root)["dataset"],
+                            "raymem.git_revision": context["git_revision"],
+                            "raymem.config_hash": context["config_hash"]}) as parent:
+        tracking.log_params(parent, {
+            "factors": ",".join(study.factors.swept()), "config_hash": context["config_hash"],
+            "audit_every": study.audit_every, "trials": len(study.trials()),
+            **{f"levels.{name}": ",".join(map(str, values)) for name, values in levels.items()},
+            **{f"early_stop.{name}": value for name, value in study.early_stop.model_dump().items()}})
+        context["parent_run_id"] = parent.run_id
+
+        def trial(factors: dict[str, Any]) -> None:
+            _run_trial(factors, study, context)
+
+        trainable = ray.tune.with_resources(trial, {"CPU": study.trial_cpus})
+        # A rerun starts a fresh Tuner rather than Tuner.restore: restore resumes every interrupted trial at once,
+        # ignoring max_concurrent_trials (their Train workers can then take every CPU and starve Ray Data). The
+        # trials themselves resume: a finished one returns its recorded figures, an unfinished one continues from
+        # its last checkpoint and skips every audit already written.
+        finished = [trial_key(f) for f in study.trials() if storage.exists(
+            storage.join(trial_uri(root, study.study, study.sweep, trial_key(f)), TRIAL_DONE))]
+        if finished:
+            print(f"== sweep {study.sweep}: resuming, {len(finished)} of {len(study.trials())} trials already "
+                  f"finished ({', '.join(finished)})", flush=True)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={name: ray.tune.grid_search(values) for name, values in levels.items()},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
+            run_config=ray.tune.RunConfig(name=study.sweep, storage_path=storage.join(root, "sweeps", study.study,
+                                                                                      "tune"),
+                                          failure_config=ray.tune.FailureConfig(max_failures=study.max_trial_failures)))
+        results = tuner.fit()
+        summary = _summarise(study, root, results, parent)
+        summary["dashboard"] = _dashboard(study, root, uri)
+        if summary["failed"]:
+            # The parent run ends FAILED too: the sweep is incomplete until its failed trials are rerun.
+            raise SweepIncomplete(summary)
+    return summary
+
+
+class SweepIncomplete(RuntimeError):
+    """Some trials failed; the summary says which. Rerunning the same sweep retries them."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(f"{len(summary['failed'])} trial(s) failed: {', '.join(summary['failed'])}; their MLflow "
+                         "runs are FAILED and their errors are in the Tune output above. Rerun the same command to "
+                         "retry them (finished trials are kept).")
+        self.summary = summary
+
+
+def _summarise(study: StudyConfig, root: str, results, parent: tracking.TrackedRun) -> dict[str, Any]:
+    """Per-trial outcomes; a failed trial's MLflow run is ended FAILED if its process died before it could."""
+    trials, failed = [], []
+    for result in results:
+        key = trial_key(result.config)
+        done_uri = storage.join(trial_uri(root, study.study, study.sweep, key), TRIAL_DONE)
+        if result.error is not None or not storage.exists(done_uri):
+            failed.append(key)
+            run = tracking.find_run(parent.client, parent.client.get_run(parent.run_id).info.experiment_id,
+                                    f"trial/{study.sweep}/{key}")
+            if run is not None and run.info.status == "RUNNING":
+                parent.client.set_terminated(run.info.run_id, status="FAILED")
+            trials.append({"trial": key, "status": "FAILED", "error": str(result.error)[:500]})
+            continue
+        record = json.loads(storage.read_bytes(done_uri))
+        trials.append({"trial": key, "status": "FINISHED", "early_stop": record["early_stop"],
+                       **{name: record["final"][f"memorization/{name}"]
+                          for name in ("pct_memorized_train", "pct_copies", "pct_memorized_shared")}})
+    return {"parent_run_id": parent.run_id, "trials": trials, "failed": failed}
+
+
+def _dashboard(study: StudyConfig, root: str, uri: str) -> str:
+    """Build the dashboard from MLflow (also logged to the parent run); written under the sweep's folder."""
+    from raymem.dashboard import build_dashboard
+
+    target = storage.join(sweep_uri(root, study.study, study.sweep), "dashboard")
+    with tempfile.TemporaryDirectory() as folder:
+        local = folder if storage.is_s3(target) else target
+        built = build_dashboard(study.study, local, tracking_uri=uri, sweep=study.sweep)
+        if storage.is_s3(target):
+            for path in built["files"]:
+                storage.write_bytes(storage.join(target, Path(path).name), Path(path).read_bytes())
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``raymem sweep`` and jobs/sweep.py: load the study, join Ray, run the sweep, print the summary."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="raymem sweep: Ray Tune over the memorization factors")
+    parser.add_argument("--config", required=True, help="study YAML (local path or s3://)")
+    parser.add_argument("--sweep", help="override the file's sweep name (same name: resume; new name: new sweep)")
+    args = parser.parse_args(argv)
+    return sweep_command(args.config, args.sweep, out=sys.stdout)
+
+
+def sweep_command(config_uri: str, sweep: str | None, out) -> int:
+    from raymem import runtime
+
+    study = load_study(config_uri, sweep=sweep)
+    study.root()
+    if study.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = study.tracking_uri
+    runtime.init_ray()
+    started = time.perf_counter()
+    try:
+        summary = run_sweep(study)
+        code = 0
+    except SweepIncomplete as incomplete:
+        summary, code = incomplete.summary, 1
+        print(str(incomplete), file=out)
+    print(json.dumps(summary, indent=2, default=str), file=out)
+    print(f"== sweep {study.sweep} took {time.perf_counter() - started:.0f} s; dashboard: "
+          f"{summary.get('dashboard')}/index.html", file=out, flush=True)
+    return code

@@ -1,0 +1,146 @@
+"""`raymem sweep` end to end: a tiny 2 sizes x 2 augmentation grid on phantoms, audited at 2 epochs per trial.
+
+Real parts only: each sweep driver starts a real local Ray cluster, logs to a real `mlflow server` on 127.0.0.1,
+and is a real process. The first driver is killed (SIGKILL, with its Ray processes) once a trial has finished;
+the rerun must resume without redoing that trial. A second sweep of the same study injects a crash to show a
+failed trial's MLflow run ends FAILED.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from services import BIN, descendants
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "study-tiny-xray2d.yaml"
+STUDY, SWEEP = "raymem-tiny-study", "tiny"
+TRIALS = {"n8-aug0-tiny-e2", "n8-aug1-tiny-e2", "n16-aug0-tiny-e2", "n16-aug1-tiny-e2"}
+AUDITED_EPOCHS = [1, 2]  # 1 autoencoder epoch (0), then diffusion epochs 1 and 2, audit_every 1
+
+
+def _sweep_command(config: Path) -> list[str]:
+    return [str(BIN / "raymem"), "sweep", "--config", str(config)]
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (its local Ray cluster too): a lost driver, no cleanup."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study_env(mlflow_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-root")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAYMEM_STORAGE_ROOT=str(root), MLFLOW_TRACKING_URI=mlflow_server, RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               RAY_AUTH_MODE="disabled")
+    return {"root": root, "env": env, "mlflow": mlflow_server, "logs": tmp_path_factory.mktemp("sweep-logs")}
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(study_env):
+    """Start the sweep, kill its driver once one trial has finished, rerun it to the end."""
+    trials_dir = study_env["root"] / "sweeps" / STUDY / SWEEP / "trials"
+    with open(study_env["logs"] / "first.log", "w") as log:
+        first = subprocess.Popen(_sweep_command(CONFIG), cwd=REPO, env=study_env["env"], stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        finished: list[Path] = []
+        while not finished:
+            assert first.poll() is None, (study_env["logs"] / "first.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "no trial finished within 600 s"
+            time.sleep(2)
+            finished = sorted(trials_dir.glob("*/trial.json"))
+        _kill_tree(first)
+    finished_trial = finished[0].parent
+    before = _files(finished_trial)
+    second = subprocess.run(_sweep_command(CONFIG), cwd=REPO, env=study_env["env"], capture_output=True, text=True,
+                            timeout=900)
+    return {"first_finished": finished_trial, "before": before, "after": _files(finished_trial), "second": second}
+
+
+def _runs(mlflow_uri: str, sweep: str) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`raymem.sweep` = '{sweep}'",
+                              max_results=100)
+    parents = [run for run in runs if run.data.tags.get("raymem.kind") == "sweep"]
+    children = [run for run in runs if run.data.tags.get("raymem.kind") == "trial"]
+    return client, parents, children
+
+
+def test_rerun_after_a_killed_driver_finishes_the_sweep(resumed_sweep):
+    second = resumed_sweep["second"]
+    assert second.returncode == 0 and "resuming" in second.stdout, (second.stdout + second.stderr)[-5000:]
+
+
+def test_a_trial_finished_before_the_kill_is_not_redone(resumed_sweep):
+    assert resumed_sweep["after"] == resumed_sweep["before"], resumed_sweep["first_finished"]
+
+
+def test_one_parent_run_with_a_finished_child_run_per_trial(resumed_sweep, study_env):
+    _, parents, children = _runs(study_env["mlflow"], SWEEP)
+    assert (len(parents), parents[0].info.status, {run.data.tags["raymem.trial"]: (
+        run.info.status, run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id) for run in children}) == (
+        1, "FINISHED", {trial: ("FINISHED", True) for trial in TRIALS})
+
+
+def test_child_runs_hold_factors_and_per_epoch_figures(resumed_sweep, study_env):
+    client, _, children = _runs(study_env["mlflow"], SWEEP)
+    seen = {}
+    for run in children:
+        steps = {metric: sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+                 for metric in ("memorization.pct_copies", "memorization.pct_memorized_shared",
+                                "quality.frechet_distance", "quality.ms_ssim_diversity")}
+        seen[run.data.tags["raymem.trial"]] = (run.data.params["factor.train_size"],
+                                               run.data.params["factor.augment"], steps)
+    expected_steps = dict.fromkeys(("memorization.pct_copies", "memorization.pct_memorized_shared",
+                                    "quality.frechet_distance", "quality.ms_ssim_diversity"), AUDITED_EPOCHS)
+    assert seen == {f"n{n}-aug{int(a)}-tiny-e2": (str(n), str(a), expected_steps)
+                    for n in (8, 16) for a in (False, True)}
+
+
+def test_dashboard_plots_are_logged_to_the_parent_run(resumed_sweep, study_env):
+    from PIL import Image
+
+    client, parents, _ = _runs(study_env["mlflow"], SWEEP)
+    parent_id = parents[0].info.run_id
+    names = {Path(item.path).name for item in client.list_artifacts(parent_id, "dashboard")}
+    plot = client.download_artifacts(parent_id, "dashboard/memorization_vs_train_size.png",
+                                     str(study_env["logs"]))
+    width, height = Image.open(io.BytesIO(Path(plot).read_bytes())).size
+    assert {"index.html", "per_epoch.png", "memorization_vs_train_size.png", "memorization_vs_augment.png",
+            "trials.csv"} <= names and width > 400 and height > 200
+
+
+def test_a_crashed_trial_ends_failed_and_the_sweep_says_so(resumed_sweep, study_env, tmp_path):
+    study = yaml.safe_load(CONFIG.read_text())
+    study.update(sweep="crash", factors={"train_size": [8]})
+    study["ldm"].update(fail_at_epoch=1, max_failures=0)  # a worker dies in the first diffusion epoch
+    config = tmp_path / "crash.yaml"
+    config.write_text(yaml.safe_dump(study))
+    result = subprocess.run(_sweep_command(config), cwd=REPO, env=study_env["env"], capture_output=True, text=True,
+                            timeout=600)
+    _, parents, children = _runs(study_env["mlflow"], "crash")
+    assert (result.returncode, [run.info.status for run in children], parents[0].info.status) == (
+        1, ["FAILED"], "FAILED"), (result.stdout + result.stderr)[-5000:]
