@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -232,6 +232,7 @@ def run_audit(
     calibration: str = "paper",
     plant_copies: int = 0,
     planted: Mapping[str, str] | None = None,
+    planted_novel: Sequence[str] = (),
     labels_csv: str | None = None,
     seed: int = 0,
     distributed: bool = False,
@@ -245,7 +246,9 @@ def run_audit(
     plant_copies: N training embeddings, each plus noise (PLANTED_NOISE), appended to the synthetic set (ids
     "planted-embedding-<i>") as known copies. planted: {synthetic_id: train_id} of synthetic samples already in the
     set that are known copies (the image audit plants transformed images). With either, the copy decisions are
-    scored against that truth (every other synthetic sample counts as novel). labels_csv: hand labels (columns
+    scored against that truth: every other synthetic sample counts as novel, unless planted_novel names the known
+    novel ones (transformed images of held-out patients), which are then the only negatives, so a generator's own
+    copies do not count as false alarms. labels_csv: hand labels (columns
     synthetic_id, train_id, label = copy|novel). seed: numpy.random.default_rng(seed) draws the validation split
     (metrics.split_by_patient), then the planted copies. distributed: Ray tasks instead of this process.
     block_rows: the tile grid's block size.
@@ -274,6 +277,9 @@ def run_audit(
     synthetic_ids = np.concatenate([synthetic.sample_ids, [f"planted-embedding-{i}" for i in range(plant_copies)]])
     _require_unique(synthetic_ids, "synthetic sample_id (with planted copies)", synthetic_uri)
     planted_source = _planted_sources(planted or {}, synthetic_ids, train.sample_ids)
+    unknown_novel = sorted(set(planted_novel) - set(synthetic_ids.astype(str)))
+    if unknown_novel:
+        raise ValueError(f"planted novel samples not in the synthetic set: {', '.join(unknown_novel[:_MAX_NAMED])}")
     planted_source[len(synthetic):] = planted_rows
     n_train, n_val, n_synthetic = len(train), len(val), len(synthetic_ids)
     top_pairs = [max(metrics.top_pairs_needed(n_train * n_val, percentile, n_synthetic),
@@ -326,7 +332,10 @@ def run_audit(
     )
     is_planted = planted_source >= 0
     if is_planted.any():
-        figures.update(metrics.detection_figures(is_planted, chosen.is_copy, synthetic_to_train.best))
+        known = is_planted | np.isin(synthetic_ids.astype(str), np.asarray(planted_novel, dtype=str)) \
+            if len(planted_novel) else np.ones(len(synthetic_ids), dtype=bool)
+        figures.update(metrics.detection_figures(is_planted[known], chosen.is_copy[known],
+                                                 synthetic_to_train.best[known]))
         figures["planted_copies"] = {
             "n": int(is_planted.sum()),
             "embedding_noise": PLANTED_NOISE if plant_copies else None,

@@ -58,39 +58,58 @@ def synthetic_as_dataset(synthetic_uri: str, real_manifest: dict, work_uri: str)
     return target
 
 
-def plant_copies(dataset_uri: str, n: int, seed: int, out_uri: str) -> dict[str, str]:
-    """Write N transformed copies of random training images as a one-split dataset; returns {copy id: train id}.
+def plant_copies(dataset_uri: str, n: int, seed: int, out_uri: str) -> tuple[dict[str, str], list[str]]:
+    """Plant known truth: N transformed copies of random training images, and N images of held-out (validation)
+    patients under the same transforms, as known novel samples; written as a one-split dataset.
 
-    Transforms come from TRANSFORM_PRESETS[PLANT_LEVEL] (rotation, flip, contrast, brightness, noise); every drawn
-    parameter is recorded in <out>/planted.parquet so a reader can see exactly what each copy is.
+    Returns ({copy id: train id}, [novel ids]). The novel ones are the negatives that specificity is measured on:
+    a generator's own samples have no known truth (a memorizing model makes real copies). Transforms come from
+    TRANSFORM_PRESETS[PLANT_LEVEL] (rotation, flip, contrast, brightness, noise); every drawn parameter is recorded
+    in <out>/planted.parquet (``train_id`` null for the novel ones, ``source_id`` the image each was made from).
     """
     from raymem.data.ingest import SYNTHETIC_PATIENT, write_dataset
     from raymem.models.copy_transforms import TRANSFORM_PRESETS, apply_transform, sample_transform
 
     manifest = shards.read_manifest(dataset_uri)
-    train = shards.load_split(dataset_uri, "train", ["sample_id", "patient_id", "image", "spacing", "modality"])
-    if n > train.num_rows:
-        raise ValueError(f"--plant-copies {n} is more than the {train.num_rows} training images")
-    rows = np.sort(np.random.default_rng(seed).choice(train.num_rows, size=n, replace=False))
-    originals = torch.from_numpy(shards.images_of(train.take(rows)).astype(np.float32))
+    columns = ["sample_id", "image", "spacing", "modality"]
+    train = shards.load_split(dataset_uri, "train", columns)
+    val = shards.load_split(dataset_uri, "val", columns)
+    if n > min(train.num_rows, val.num_rows):
+        raise ValueError(f"--plant-copies {n} needs as many training and validation images; the dataset has "
+                         f"{train.num_rows} and {val.num_rows}")
+    rng = np.random.default_rng(seed)
+    picked = {"copy": (train, np.sort(rng.choice(train.num_rows, size=n, replace=False))),
+              "novel": (val, np.sort(rng.choice(val.num_rows, size=n, replace=False)))}
     generator = torch.Generator().manual_seed(seed)
-    params = sample_transform(TRANSFORM_PRESETS[PLANT_LEVEL], n, manifest["spatial_dims"], generator)
     low, high = manifest["intensity_range"]
-    copies = apply_transform(originals, params, generator).clamp(low, high).numpy()
-    train_ids = [train["sample_id"][int(r)].as_py() for r in rows]
-    copy_ids = [f"{PLANTED}-{i:05d}" for i in range(n)]
-    samples = [shards.Sample(sample_id=copy_id, patient_id=SYNTHETIC_PATIENT, split="train", image=image,
-                             spacing_mm=tuple(train["spacing"][int(r)].as_py()), modality=train["modality"][int(r)].as_py(),
-                             source=f"planted copy of {train_id}", content_hash="")
-               for copy_id, train_id, image, r in zip(copy_ids, train_ids, copies, rows)]
+    samples, record = [], {"synthetic_id": [], "kind": [], "train_id": [], "source_id": []}
+    parameters = []
+    for kind, (table, rows) in picked.items():
+        originals = torch.from_numpy(shards.images_of(table.take(rows)).astype(np.float32))
+        params = sample_transform(TRANSFORM_PRESETS[PLANT_LEVEL], n, manifest["spatial_dims"], generator)
+        parameters.append(params)
+        images = apply_transform(originals, params, generator).clamp(low, high).numpy()
+        prefix = PLANTED if kind == "copy" else f"{PLANTED}-novel"
+        for i, (r, image) in enumerate(zip(rows, images)):
+            source_id = table["sample_id"][int(r)].as_py()
+            sample_id = f"{prefix}-{i:05d}"
+            samples.append(shards.Sample(
+                sample_id=sample_id, patient_id=SYNTHETIC_PATIENT, split="train", image=image,
+                spacing_mm=tuple(table["spacing"][int(r)].as_py()), modality=table["modality"][int(r)].as_py(),
+                source=f"planted {kind} from {source_id}", content_hash=""))
+            record["synthetic_id"].append(sample_id)
+            record["kind"].append(kind)
+            record["train_id"].append(source_id if kind == "copy" else None)
+            record["source_id"].append(source_id)
     write_dataset(storage.join(out_uri, "planted-dataset"), samples, IngestConfig(**manifest["config"]),
                   tuple(manifest["image_shape"]), pseudonym_key=manifest["pseudonym_key"])
-    record = {"synthetic_id": copy_ids, "train_id": train_ids}
-    for field in dataclasses.fields(params):
-        values = getattr(params, field.name).cpu().numpy().reshape(n, -1).astype(np.float64)
-        record[field.name] = [list(v) if len(v) > 1 else float(v[0]) for v in values]
+    for field in dataclasses.fields(parameters[0]):
+        values = np.concatenate([getattr(params, field.name).cpu().numpy().reshape(n, -1) for params in parameters])
+        record[field.name] = [list(v) if len(v) > 1 else float(v[0]) for v in values.astype(np.float64)]
     shards.write_table(storage.join(out_uri, "planted.parquet"), pa.table(record))
-    return dict(zip(copy_ids, train_ids))
+    copies = {sid: tid for sid, kind, tid in zip(record["synthetic_id"], record["kind"], record["train_id"])
+              if kind == "copy"}
+    return copies, [sid for sid, kind in zip(record["synthetic_id"], record["kind"]) if kind == "novel"]
 
 
 def images_by_id(dataset_uri: str, split: str, sample_ids: Iterable[str]) -> dict[str, np.ndarray]:
@@ -123,15 +142,15 @@ def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_ur
     emb = storage.join(out_uri, "embeddings")
     embed(dataset_uri, emb, ("train", "val"))
     embed(synthetic_dataset, storage.join(emb, "synthetic", "generated"), ("train",))
-    planted = {}
+    planted, planted_novel = {}, []
     if cfg.plant_copies:
-        planted = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri)
+        planted, planted_novel = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri)
         embed(storage.join(out_uri, "planted-dataset"), storage.join(emb, "synthetic", PLANTED), ("train",))
 
     result = embedding_audit.run_audit(
         storage.join(emb, "train"), storage.join(emb, "val"), storage.join(emb, "synthetic"),
         percentile=cfg.percentile, top_k=cfg.top_k, calibration=cfg.calibration, planted=planted,
-        labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
+        planted_novel=planted_novel, labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
     embedding_audit.write_outputs(result, out_uri)
 
     planted_dataset = storage.join(out_uri, "planted-dataset") if planted else None

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def audited(ray_cluster, tmp_path_factory):
-    """One audit shared by the module's tests: dataset, a 'generator' folder with 3 verbatim copies, 6 planted."""
+    """One audit shared by the module's tests: dataset, a 'generator' folder with 3 verbatim copies, 6 planted
+    copies and 6 planted novel images."""
     root = tmp_path_factory.mktemp("audit")
     dataset = str(root / "dataset")
     phantom_dataset(dataset, "xray2d", patients=24, images_per_patient=2, size=32, seed=0,
@@ -54,7 +55,7 @@ def audited(ray_cluster, tmp_path_factory):
 def test_metrics_follow_the_contract_and_count_every_sample(audited):
     metrics = json.loads(storage.read_bytes(f"{audited['out']}/metrics.json"))
 
-    assert metrics["n_synthetic"] == 10 + 3 + 6
+    assert metrics["n_synthetic"] == 10 + 3 + 6 + 6
     assert metrics["n_train"] == shards.read_manifest(audited["dataset"])["splits"]["train"]["images"]
     assert {"threshold", "percentile", "pct_memorized_train", "pct_copies", "pct_memorized_patients",
             "sensitivity", "specificity"} <= set(metrics)
@@ -74,8 +75,13 @@ def test_verbatim_copies_from_another_generator_find_their_training_source(audit
 def test_planted_copies_are_recorded_and_scored(audited):
     planted = pq.read_table(f"{audited['out']}/planted.parquet")
 
-    assert planted.num_rows == 6 and {"rotation_deg", "flipped", "contrast", "noise_std"} <= set(planted.column_names)
-    assert 0.0 <= audited["metrics"]["sensitivity"] <= 1.0
+    assert planted["kind"].to_pylist() == ["copy"] * 6 + ["novel"] * 6
+    assert {"rotation_deg", "flipped", "contrast", "noise_std"} <= set(planted.column_names)
+
+
+def test_specificity_counts_only_the_planted_novel_images_as_negatives(audited):
+    # The generator's 3 verbatim copies are real copies: they must not count as false alarms.
+    assert (audited["metrics"]["n_positive"], audited["metrics"]["n_negative"]) == (6, 6)
 
 
 def test_report_and_mlflow_run_hold_the_audit(audited):
