@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
+SCALE ?= cpu
 
 .PHONY: setup test test-fast demo browser clean
 
@@ -31,7 +32,7 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 demo: setup
-	$(BIN)/python -m raymem.demo --out $(DEMO_OUT)
+	$(BIN)/python -m raymem.demo --out $(DEMO_OUT) --scale $(SCALE)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
