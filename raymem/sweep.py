@@ -104,6 +104,11 @@ class StudyConfig(_Strict):
     ldm: dict[str, Any] = Field(default_factory=dict, description="LDMTrainConfig values shared by every trial")
     factors: Factors
     audit_every: int = Field(default=10, ge=1, description="diffusion epochs between audited checkpoints")
+    images_per_epoch: int | None = Field(
+        default=None, ge=1,
+        description="an epoch of every trial sees about this many images (each trial's epoch_repeats = "
+                    "images_per_epoch / train_size), so trials of every size take the same optimisation steps per "
+                    "epoch; None: an epoch is one pass, as in the paper, and larger subsets train more steps")
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n defaults to the "
                                                                     "trial's training images (the paper's rule)")
     audit: AuditSection = AuditSection()
@@ -117,6 +122,11 @@ class StudyConfig(_Strict):
         clashes = sorted(set(self.ldm) & {*_DERIVED_LDM_FIELDS, *self.factors.swept()})
         if clashes:
             raise ValueError(f"ldm.{clashes[0]}: set by the sweep (a factor or a derived path); remove it from ldm")
+        if self.images_per_epoch is not None:
+            if "epoch_repeats" in self.ldm:
+                raise ValueError("ldm.epoch_repeats: derived from images_per_epoch; set one of the two")
+            if None in self.levels()["train_size"]:
+                raise ValueError("images_per_epoch: needs a train_size for every trial (factors.train_size levels)")
         if self.audit.plant_copies:
             raise ValueError("audit.plant_copies: not used in sweeps (each trial is audited on its own samples)")
         for clash in sorted(set(self.sample) & {"run", "out", "epoch"}):
@@ -158,8 +168,10 @@ class StudyConfig(_Strict):
     def ldm_config(self, factors: dict[str, Any], root: str) -> config.LDMTrainConfig:
         key = trial_key(factors)
         augment = {**self.ldm.get("augment", {}), "enabled": factors["augment"]}
+        repeats = {} if self.images_per_epoch is None else {
+            "epoch_repeats": max(1, round(self.images_per_epoch / factors["train_size"]))}
         return config.validate(config.LDMTrainConfig, {
-            **self.ldm, "train_size": factors["train_size"], "preset": factors["preset"], "augment": augment,
+            **self.ldm, **repeats, "train_size": factors["train_size"], "preset": factors["preset"], "augment": augment,
             "diffusion_epochs": factors["diffusion_epochs"], "dataset": storage.join(root, "datasets", self.study),
             "out": trial_uri(root, self.study, self.sweep, key), "run_name": key, "experiment": self.study})
 

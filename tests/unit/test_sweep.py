@@ -29,6 +29,11 @@ def test_shared_subset_is_the_smallest_training_size():
     assert study(factors={"train_size": [32, 8, 16]}).shared_size() == 8
 
 
+def test_images_per_epoch_gives_every_size_the_same_steps_per_epoch():
+    planned = study(images_per_epoch=640, factors={"train_size": [16, 64]})
+    assert [planned.ldm_config(t, "/r").epoch_repeats * t["train_size"] for t in planned.trials()] == [640, 640]
+
+
 def test_audited_epochs_are_every_k_diffusion_epochs_and_the_last():
     # 3 autoencoder epochs (0-2); diffusion epochs 1..10 are global epochs 3..12.
     assert audit_epochs(3, 10, 4) == [6, 10, 12]
@@ -56,6 +61,7 @@ def test_no_rule_never_stops():
     ({"sample": {"epoch": 3}}, "sample.epoch"),
     ({"ldm": {"batch_size": 0}}, "batch_size"),
     ({"audit_every": 0}, "audit_every"),
+    ({"images_per_epoch": 64, "ldm": {"epoch_repeats": 2}}, "ldm.epoch_repeats"),
 ])
 def test_bad_study_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
