@@ -34,7 +34,6 @@ import sys
 import time
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from raymem import config, storage
@@ -158,15 +157,7 @@ def _train_images(dataset_uri: str) -> int:
 
 def load_job(uri: str, *, run_name: str | None = None) -> JobConfig:
     """Read and validate a job file (local or s3://); ``run_name`` overrides the file's."""
-    try:
-        values = yaml.safe_load(storage.read_bytes(uri)) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{uri} is not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{uri} must hold a mapping of section: settings, got {type(values).__name__}")
-    if run_name is not None:
-        values["run_name"] = run_name
-    return config.validate(JobConfig, values)
+    return config.load(JobConfig, uri, {"run_name": run_name})
 
 
 def _done(marker_uri: str, stage: str, output_uri: str) -> bool:

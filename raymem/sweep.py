@@ -39,7 +39,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from pydantic import Field, model_validator
 
 from raymem import config, storage, tracking
@@ -186,15 +185,7 @@ class StudyConfig(_Strict):
 
 def load_study(uri: str, *, sweep: str | None = None) -> StudyConfig:
     """Read and validate a study file (local or s3://); ``sweep`` overrides the file's sweep name."""
-    try:
-        values = yaml.safe_load(storage.read_bytes(uri)) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{uri} is not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{uri} must hold a mapping of section: settings, got {type(values).__name__}")
-    if sweep is not None:
-        values["sweep"] = sweep
-    return config.validate(StudyConfig, values)
+    return config.load(StudyConfig, uri, {"sweep": sweep})
 
 
 def trial_key(factors: dict[str, Any]) -> str:
@@ -350,12 +341,11 @@ class _Trial:
 def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, Any]) -> None:
     """The Tune trial: train in segments, audit each segment's checkpoint, log, report, maybe stop early."""
     import ray.tune
+    from ray.data import DataContext
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raymem.generate import saved_epochs
     from raymem.train.ldm import run_uri, train_ldm
-
-    from ray.data import DataContext
 
     # Tune's trial table reports progress; a Ray Data bar per stage of every trial would bury it.
     DataContext.get_current().enable_progress_bars = False
