@@ -287,6 +287,7 @@ def _factor_figure(trials: list[Trial], factor: str, factors: list[str], levels:
         ax.set_xlim(-0.3, len(levels[factor]) - 0.7)
         ax.set_xlabel(factor)
         ax.set_ylabel(y_label)
+        ax.set_ylim(bottom=0)  # percentages: a flat 0 % line sits on the axis, not mid-plot
         ax.set_title(y_label[0].upper() + y_label[1:], fontsize=10)
         ax.grid(alpha=0.3)
     labels = [", ".join(f"{name}={level}" for name, level in zip(others, combo)) or "all trials" for combo in order]
@@ -311,6 +312,8 @@ def _per_epoch_figure(trials: list[Trial]) -> Figure:
                            linewidth=1)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(y_label)
+        if metric.startswith("memorization."):
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     for ax in axes[2:]:
         ax.set_xlabel("diffusion epochs trained")
