@@ -27,25 +27,34 @@ class _Strict(BaseModel):
 class IngestConfig(_Strict):
     """How raw images become a sharded dataset (``raymem ingest``)."""
 
-    format: Literal["auto", "nifti", "dicom", "png", "medmnist"] = "auto"
-    spatial_dims: Literal[2, 3] = 2
+    format: Literal["auto", "nifti", "dicom", "png", "medmnist"] = Field(
+        default="auto", description="input format; 'auto': per file, by extension (DICOM also by its marker)")
+    spatial_dims: Literal[2, 3] = Field(
+        default=2, description="axes per image; images with another number of axes are set aside")
     size: tuple[int, ...] = Field(default=(64, 64), description="output shape per spatial axis, (H, W) or (D, H, W)")
-    fit: Literal["resize", "crop_or_pad"] = "resize"
+    fit: Literal["resize", "crop_or_pad"] = Field(
+        default="resize", description="how images reach size: 'resize' resamples (field of view kept, spacing "
+                                      "scaled); 'crop_or_pad' centre-crops or pads with the image minimum")
     modality: Literal["auto", "CT", "MR", "XR", "OT"] = Field(
         default="auto", description="override the modality (NIfTI and PNG files carry none)")
-    intensity_range: tuple[float, float] = (0.0, 1.0)
-    ct_window_hu: tuple[float, float] = (-1000.0, 1000.0)
+    intensity_range: tuple[float, float] = Field(
+        default=(0.0, 1.0), description="(low, high) that every image's intensities are mapped onto")
+    ct_window_hu: tuple[float, float] = Field(
+        default=(-1000.0, 1000.0), description="CT window (HU): clipped and mapped onto intensity_range")
     percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="MR/X-ray intensity scaling percentiles")
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the images in the shards")
     patient_pattern: str = Field(
         default=r"(?P<patient>[^/]+)/[^/]+$",
         description="regex over the path relative to SRC; its 'patient' group names the patient (NIfTI, PNG)")
-    val_fraction: float = Field(default=0.1, ge=0.0, le=0.5)
-    test_fraction: float = Field(default=0.1, ge=0.0, le=0.5)
-    seed: int = 0
-    max_file_mb: float = Field(default=2048.0, gt=0)
-    max_voxels: int = Field(default=512**3, gt=0)
-    strict: bool = False
+    val_fraction: float = Field(
+        default=0.1, ge=0.0, le=0.5,
+        description="share of patients in the validation split (the audit's null); MedMNIST keeps its own splits")
+    test_fraction: float = Field(default=0.1, ge=0.0, le=0.5, description="share of patients in the test split")
+    seed: int = Field(default=0, description="seed of the patient split")
+    max_file_mb: float = Field(default=2048.0, gt=0, description="larger files (MiB) are set aside unread")
+    max_voxels: int = Field(default=512**3, gt=0, description="images with more voxels (before fitting) are set aside")
+    strict: bool = Field(
+        default=False, description="stop at the first bad file instead of setting it aside in quarantine.parquet")
     synthetic: bool = Field(
         default=False, description="images from a generator: no patients (patient_id 'synthetic'), paths kept as source")
 
@@ -93,20 +102,35 @@ class IngestConfig(_Strict):
 class AugmentConfig(_Strict):
     """Training-time augmentation (the paper's: flip p=0.5, rotation up to 5 degrees p=0.5). A study factor."""
 
-    enabled: bool = True
-    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
-    rotate_prob: float = Field(default=0.5, ge=0.0, le=1.0)
-    max_rotation_deg: float = Field(default=5.0, ge=0.0, le=180.0)
+    enabled: bool = Field(default=True, description="off: training images are used as stored")
+    flip_prob: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="probability of a left-right flip (last spatial axis); the paper: 0.5")
+    rotate_prob: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="probability of a rotation in the (H, W) plane; the paper: 0.5")
+    max_rotation_deg: float = Field(
+        default=5.0, ge=0.0, le=180.0, description="angle drawn uniformly in +- this (degrees); the paper: 5")
 
 
 class AuditConfig(_Strict):
     """The memorization audit's search and threshold settings (paper values as defaults)."""
 
-    percentile: float = Field(default=95.0, gt=0.0, lt=100.0)
-    top_k: int = Field(default=5, ge=1, le=1000)
-    calibration: Literal["paper", "matched"] = "paper"
-    plant_copies: int = Field(default=0, ge=0)
-    seed: int = 0
+    percentile: float = Field(
+        default=95.0, gt=0.0, lt=100.0,
+        description="P of the threshold ('paper': the P-th percentile of each training sample's best "
+                    "validation correlation); the paper: 95")
+    top_k: int = Field(
+        default=5, ge=1, le=1000, description="training neighbours kept per synthetic sample in matches.parquet")
+    calibration: Literal["paper", "matched"] = Field(
+        default="paper",
+        description="the headline null (both are reported): 'paper', each training sample's best validation "
+                    "match; 'matched', each validation sample's best training match for copies and a max-of-n "
+                    "quantile for memorized samples (raymem.audit.metrics)")
+    plant_copies: int = Field(
+        default=0, ge=0,
+        description="N known copies mixed into the synthetic set and scored: transformed training images, plus N "
+                    "transformed held-out ones as known novel (image audit); noisy training embeddings "
+                    "(embedding audit)")
+    seed: int = Field(default=0, description="draws the validation halves (by patient) and the planted copies")
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
@@ -145,24 +169,36 @@ class DetectorTrainConfig(_Strict):
 
     dataset: str = Field(description="dataset URI (a committed raymem dataset)")
     out: str = Field(description="storage root URI: checkpoints under <out>/detector/<run_name>")
-    run_name: str = Field(default="detector", pattern=r"^[A-Za-z0-9_.-]+$")
-    preset: Literal["tiny", "small2d", "paper2d", "paper3d"] = "tiny"
-    epochs: int = Field(default=200, ge=1, le=100_000)
+    run_name: str = Field(
+        default="detector", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="names the checkpoints and the MLflow run detector/<run_name>; the same name resumes")
+    preset: Literal["tiny", "small2d", "paper2d", "paper3d"] = Field(
+        default="tiny",
+        description="encoder: 'paper2d' ResNet-50 to 128-d (512 px), 'small2d' ResNet-18 (256 px), 'paper3d' "
+                    "strided 3D encoder to 32-d (64^3), 'tiny' a small strided encoder (32 px, CPU tests)")
+    epochs: int = Field(default=200, ge=1, le=100_000, description="the paper: 200")
     batch_size: int = Field(default=64, ge=2, le=4096, description="per worker; the paper: 64 (2D), 10 (3D)")
-    lr_initial: float = Field(default=1e-4, gt=0)
-    lr_final: float = Field(default=5e-5, ge=0)
-    temperature: float = Field(default=0.07, gt=0, le=10)
-    augmentation: Literal["paper", "strong"] = "paper"
+    lr_initial: float = Field(default=1e-4, gt=0, description="Adam learning rate at the first epoch; the paper: 1e-4")
+    lr_final: float = Field(
+        default=5e-5, ge=0, description="end of the cosine decay from lr_initial over epochs; the paper: 5e-5")
+    temperature: float = Field(default=0.07, gt=0, le=10, description="NT-Xent temperature; the paper: 0.07")
+    augmentation: Literal["paper", "strong"] = Field(
+        default="paper",
+        description="positive-pair views: 'paper', flip p=0.5 and rotation up to 5 degrees p=0.5; 'strong' adds "
+                    "crop, contrast, gamma, noise and blur")
     patient_aware: bool = Field(default=True, description="same-patient images are positives, never negatives")
-    num_workers: int = Field(default=2, ge=1, le=1024)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    checkpoint_every: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (DDP processes)")
+    use_gpu: bool = Field(default=False, description="one GPU per worker (bfloat16 autocast)")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per worker")
+    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints (the last always saved)")
     eval_every: int = Field(default=5, ge=1, description="epochs between validation accuracy runs (rank 0)")
-    eval_max_images: int = Field(default=512, ge=8)
-    max_failures: int = Field(default=2, ge=0)
-    experiment: str = "raymem"
-    seed: int = 0
+    eval_max_images: int = Field(
+        default=512, ge=8, description="validation images scored for copy retrieval against the baselines")
+    max_failures: int = Field(
+        default=2, ge=0, description="restarts from the latest checkpoint after a worker failure, then give up")
+    experiment: str = Field(default="raymem", description="MLflow experiment")
+    seed: int = Field(
+        default=0, description="initial weights (the same on every worker), per-epoch augmentation, evaluation copies")
     fail_at_epoch: int | None = Field(default=None, description="test-only: crash a worker once at this epoch")
 
 
@@ -172,10 +208,11 @@ class EmbedConfig(_Strict):
     detector: str = Field(description="detector checkpoint URI (detector.pt)")
     data: str = Field(description="dataset URI")
     out: str = Field(description="output URI: <out>/<split>/part-*.parquet in the embedding schema")
-    splits: tuple[str, ...] = ("train", "val", "test")
-    batch_size: int = Field(default=64, ge=1)
-    num_actors: int = Field(default=2, ge=1)
-    use_gpu: bool = False
+    splits: tuple[str, ...] = Field(
+        default=("train", "val", "test"), description="dataset splits to embed (empty ones skipped)")
+    batch_size: int = Field(default=64, ge=1, description="images per detector forward pass")
+    num_actors: int = Field(default=2, ge=1, description="Ray Data actors, each holding one detector")
+    use_gpu: bool = Field(default=False, description="one GPU per actor")
 
 
 class LDMTrainConfig(_Strict):
@@ -187,38 +224,47 @@ class LDMTrainConfig(_Strict):
 
     dataset: str = Field(description="dataset URI (a committed raymem dataset)")
     out: str = Field(description="storage root URI: checkpoints under <out>/ldm/<run_name>")
-    run_name: str = Field(default="ldm", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_name: str = Field(
+        default="ldm", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="names the checkpoints and the MLflow run ldm/<run_name>; the same name resumes")
     preset: Literal["tiny", "small", "paper2d", "paper3d-ct", "paper3d-mri"] = Field(
         default="tiny", description="model size (a study factor)")
     train_size: int | None = Field(default=None, ge=1, description="nested training subset size (None: all)")
     subset_seed: int = Field(default=0, description="for one seed, the subset of size n lies inside that of size m > n")
     augment: AugmentConfig = Field(default=AugmentConfig(enabled=False), description="a study factor")
-    autoencoder_epochs: int = Field(default=100, ge=1, le=100_000)
-    diffusion_epochs: int = Field(default=300, ge=1, le=100_000)
+    autoencoder_epochs: int = Field(default=100, ge=1, le=100_000, description="epochs of the first stage")
+    diffusion_epochs: int = Field(
+        default=300, ge=1, le=100_000, description="epochs of the diffusion UNet after the autoencoder's; a study "
+                                                   "factor (training length)")
     batch_size: int = Field(default=8, ge=1, le=4096, description="per worker")
     epoch_repeats: int = Field(
         default=1, ge=1, le=10_000,
         description="passes over the worker's shard per epoch, held in memory after the first: for tiny training "
                     "subsets (memorization studies), where Ray Data's start per pass would dominate")
-    lr_autoencoder: float = Field(default=1e-4, gt=0)
-    lr_diffusion: float = Field(default=1e-4, gt=0)
-    kl_weight: float = Field(default=1e-6, ge=0)
+    lr_autoencoder: float = Field(default=1e-4, gt=0, description="Adam learning rate of the autoencoder")
+    lr_diffusion: float = Field(default=1e-4, gt=0, description="Adam learning rate of the diffusion UNet")
+    kl_weight: float = Field(default=1e-6, ge=0, description="autoencoder loss: L1 + kl_weight * KL")
     adversarial_weight: float = Field(default=0.0, ge=0, description="> 0 adds the PatchGAN loss (MONAI tutorial: 0.01)")
-    lr_discriminator: float = Field(default=5e-4, gt=0)
+    lr_discriminator: float = Field(
+        default=5e-4, gt=0, description="Adam learning rate of the PatchGAN (when adversarial_weight > 0)")
     perceptual_weight: float = Field(default=0.0, ge=0, description="> 0 needs perceptual_weights_file")
     perceptual_weights_file: str | None = Field(default=None, description="local torchvision ResNet-50 state dict")
-    num_train_timesteps: int = Field(default=1000, ge=10, le=10_000)
+    num_train_timesteps: int = Field(
+        default=1000, ge=10, le=10_000, description="DDPM noise steps (scaled-linear schedule); kept for sampling")
     ddim_steps: int = Field(default=50, ge=1, le=1000, description="DDIM steps for the sample grid")
-    num_workers: int = Field(default=2, ge=1, le=1024)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    num_workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (DDP processes)")
+    use_gpu: bool = Field(default=False, description="one GPU per worker (bfloat16 autocast)")
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves per worker; also its torch thread count")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints (the last always saved)")
     grid_every: int = Field(default=10, ge=1, description="diffusion epochs between sample grids logged to MLflow")
-    grid_samples: int = Field(default=8, ge=1, le=64)
+    grid_samples: int = Field(default=8, ge=1, le=64, description="images per logged sample grid")
     eval_max_images: int = Field(default=32, ge=1, description="validation and fixed-batch images (rank 0)")
-    max_failures: int = Field(default=2, ge=0)
-    experiment: str = "raymem"
-    seed: int = 0
+    max_failures: int = Field(
+        default=2, ge=0, description="restarts from the latest checkpoint after a worker failure, then give up")
+    experiment: str = Field(default="raymem", description="MLflow experiment")
+    seed: int = Field(
+        default=0, description="initial weights (the same on every worker), per-epoch augmentation, order and noise")
     fail_at_epoch: int | None = Field(default=None, description="test-only: crash a worker once at this epoch")
 
     @model_validator(mode="after")
@@ -235,8 +281,8 @@ class SampleConfig(_Strict):
     epoch: int | None = Field(default=None, ge=0, description="checkpoint epoch; None: the latest")
     n: int = Field(ge=1, description="number of synthetic samples")
     out: str = Field(description="output dataset URI (shard schema; patient_id 'synthetic')")
-    ddim_steps: int = Field(default=50, ge=1, le=1000)
+    ddim_steps: int = Field(default=50, ge=1, le=1000, description="DDIM denoising steps per sample")
     seed: int = Field(default=0, description="base seed; sample i uses sample_seed(seed, i), recorded in its source")
-    batch_size: int = Field(default=16, ge=1)
-    num_actors: int = Field(default=2, ge=1)
-    use_gpu: bool = False
+    batch_size: int = Field(default=16, ge=1, description="samples generated together per actor call")
+    num_actors: int = Field(default=2, ge=1, description="Ray Data actors, each holding one LDM")
+    use_gpu: bool = Field(default=False, description="one GPU per actor")

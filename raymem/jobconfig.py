@@ -46,11 +46,14 @@ EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
 class PhantomSource(_Strict):
     """Phantom patients generated straight into the dataset (the embedded default data)."""
 
-    kind: Literal["xray2d", "ct3d", "mri3d"] = "xray2d"
-    patients: int = Field(default=100, ge=2)
-    images_per_patient: int = Field(default=4, ge=1)
+    kind: Literal["xray2d", "ct3d", "mri3d"] = Field(
+        default="xray2d", description="'xray2d' chest radiograph; 'ct3d' chest CT (HU); 'mri3d' knee MR "
+                                      "(size // 4 slices)")
+    patients: int = Field(default=100, ge=2, description="number of phantom patients")
+    images_per_patient: int = Field(
+        default=4, ge=1, description="images per patient, each a new pose, contrast and noise")
     size: int = Field(default=64, ge=8, description="pixels per side")
-    seed: int = 0
+    seed: int = Field(default=0, description="the phantoms' anatomy and images (the split seed is ingest.seed)")
 
 
 class DataSection(_Strict):
@@ -70,7 +73,8 @@ class DataSection(_Strict):
 class AuditSection(config.AuditConfig):
     """The audit's settings, plus where its all-pairs search runs (Ray tasks across the cluster, or in-process)."""
 
-    distributed: bool = True
+    distributed: bool = Field(
+        default=True, description="all-pairs search as Ray tasks across the cluster; false: in the job's process")
 
 
 class JobConfig(_Strict):
@@ -78,15 +82,25 @@ class JobConfig(_Strict):
 
     storage_root: str | None = Field(default=None, description=f"URI; when absent, ${STORAGE_ROOT_ENV}")
     tracking_uri: str | None = Field(default=None, description="when absent, $MLFLOW_TRACKING_URI")
-    experiment: str = "raymem"
-    run_name: str = Field(default="raymem", pattern=r"^[A-Za-z0-9_.-]+$")
-    data: DataSection
-    ingest: dict[str, Any] = Field(default_factory=dict)
-    detector: dict[str, Any] = Field(default_factory=dict)
-    embed: dict[str, Any] = Field(default_factory=dict)
-    ldm: dict[str, Any] = Field(default_factory=dict)
-    sample: dict[str, Any] = Field(default_factory=dict)
-    audit: AuditSection = AuditSection()
+    experiment: str = Field(default="raymem", description="MLflow experiment of every stage's run")
+    run_name: str = Field(
+        default="raymem", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the job's identity: names every stage's output; rerun with the same name to resume")
+    data: DataSection = Field(description="the images: phantoms, or raw files to ingest")
+    ingest: dict[str, Any] = Field(
+        default_factory=dict,
+        description="IngestConfig values; with phantoms, spatial_dims and size come from the phantoms")
+    detector: dict[str, Any] = Field(
+        default_factory=dict, description="DetectorTrainConfig values without dataset, out, run_name, experiment")
+    embed: dict[str, Any] = Field(
+        default_factory=dict, description="EmbedConfig values without detector, data, out; the audit embeds with "
+                                          "them too")
+    ldm: dict[str, Any] = Field(
+        default_factory=dict, description="LDMTrainConfig values without dataset, out, run_name, experiment")
+    sample: dict[str, Any] = Field(
+        default_factory=dict, description="SampleConfig values without run, out; n defaults to the training image "
+                                          "count (the paper's rule)")
+    audit: AuditSection = Field(default=AuditSection(), description="AuditConfig values, plus distributed")
 
     @model_validator(mode="after")
     def _stage_sections_valid(self) -> JobConfig:

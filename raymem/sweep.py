@@ -96,12 +96,13 @@ class StudyConfig(_Strict):
     sweep: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$", description="the parent run; rerun to resume")
     storage_root: str | None = Field(default=None, description=f"URI; when absent, ${STORAGE_ROOT_ENV}")
     tracking_uri: str | None = Field(default=None, description="when absent, $MLFLOW_TRACKING_URI, else sqlite")
-    data: DataSection
-    ingest: dict[str, Any] = Field(default_factory=dict)
-    detector: dict[str, Any] = Field(default_factory=dict)
-    embed: dict[str, Any] = Field(default_factory=dict)
+    data: DataSection = Field(description="the study's images: phantoms, or raw files to ingest (as in job files)")
+    ingest: dict[str, Any] = Field(default_factory=dict, description="IngestConfig values")
+    detector: dict[str, Any] = Field(default_factory=dict, description="DetectorTrainConfig values: the copy "
+                                                                      "detector trained once per study")
+    embed: dict[str, Any] = Field(default_factory=dict, description="EmbedConfig values (batch size, actors, GPU)")
     ldm: dict[str, Any] = Field(default_factory=dict, description="LDMTrainConfig values shared by every trial")
-    factors: Factors
+    factors: Factors = Field(description="the grid: a list of levels per factor")
     audit_every: int = Field(default=10, ge=1, description="diffusion epochs between audited checkpoints")
     images_per_epoch: int | None = Field(
         default=None, ge=1,
@@ -110,9 +111,10 @@ class StudyConfig(_Strict):
                     "epoch; None: an epoch is one pass, as in the paper, and larger subsets train more steps")
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n defaults to the "
                                                                     "trial's training images (the paper's rule)")
-    audit: AuditSection = AuditSection()
-    early_stop: EarlyStop = EarlyStop()
-    max_concurrent_trials: int = Field(default=1, ge=1)
+    audit: AuditSection = Field(default=AuditSection(), description="AuditConfig values, plus distributed")
+    early_stop: EarlyStop = Field(default=EarlyStop(), description="memorization-informed early stopping (off)")
+    max_concurrent_trials: int = Field(default=1, ge=1, description="trials trained at once (each holds its "
+                                                                     "LDM workers)")
     trial_cpus: float = Field(default=1.0, ge=0, description="CPUs held by each trial's driver (audit, sampling)")
     max_trial_failures: int = Field(default=0, ge=0, description="Tune retries of a crashed trial")
 
