@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from raymem import config, storage, tracking
+from raymem.audit import metrics
 from raymem.config import ConfigError, _Strict
 from raymem.jobconfig import STORAGE_ROOT_ENV, AuditSection, DataSection, JobConfig
 
@@ -211,19 +212,6 @@ def audit_epochs(autoencoder_epochs: int, diffusion_epochs: int, audit_every: in
     return [autoencoder_epochs + count - 1 for count in counts]
 
 
-def early_stop_reason(pct_copies: Sequence[float], rule: EarlyStop) -> str | None:
-    """Why to stop after the latest audit (``pct_copies``: % copies at each audit so far, in order), or None."""
-    if not pct_copies:
-        return None
-    if rule.max_pct_copies is not None and pct_copies[-1] > rule.max_pct_copies:
-        return f"% copies {pct_copies[-1]:.2f} exceeds the budget {rule.max_pct_copies:g}"
-    rises = rule.rising_audits
-    if rises is not None and len(pct_copies) > rises and all(
-            later > earlier for earlier, later in zip(pct_copies[-rises - 1:-1], pct_copies[-rises:])):
-        return f"% copies rose in {rises} consecutive audits"
-    return None
-
-
 def git_revision() -> str:
     """The code's git revision: RAYMEM_GIT_REVISION, else `git rev-parse HEAD` of this checkout, else 'unknown'
     (``ray job submit`` uploads the working tree without .git)."""
@@ -317,7 +305,7 @@ class _Trial:
                      audit_report(result, self.cfg.dataset, synthetic, audit.calibration))
 
         train_rows = result.matches.filter(pc.equal(result.matches["kind"], "train"))
-        memorized = set(train_rows.filter(pc.fill_null(train_rows["is_memorized"], False))["sample_id"].to_pylist())
+        memorized = train_rows.filter(pc.fill_null(train_rows["is_memorized"], False))["sample_id"].to_pylist()
         shared = shared_ids if shared_ids is not None else train_rows["sample_id"].to_pylist()
         synthetic_images = shards.images_of(shards.load_split(synthetic, "train", ["image"])).astype(np.float32)
         train_matrix = np.concatenate(list(EmbeddingSource(self.train_embeddings, "train",
@@ -325,16 +313,16 @@ class _Trial:
         synthetic_matrix = np.concatenate(list(EmbeddingSource(storage.join(embeddings, "train"), "synthetic",
                                                                require_patients=False).batches()))
         value_range = tuple(shards.read_manifest(self.cfg.dataset)["intensity_range"])
-        metrics = result.metrics
+        audited = result.metrics
         figures = {
-            "memorization/pct_memorized_train": metrics["pct_memorized_train"],
-            "memorization/pct_copies": metrics["pct_copies"],
-            "memorization/pct_memorized_patients": metrics["pct_memorized_patients"],
-            "memorization/pct_memorized_shared": 100.0 * len(memorized & set(shared)) / len(shared),
-            "memorization/threshold": metrics["threshold"],
+            "memorization/pct_memorized_train": audited["pct_memorized_train"],
+            "memorization/pct_copies": audited["pct_copies"],
+            "memorization/pct_memorized_patients": audited["pct_memorized_patients"],
+            "memorization/pct_memorized_shared": metrics.pct_memorized_of_subset(memorized, shared),
+            "memorization/threshold": audited["threshold"],
             "quality/frechet_distance": frechet_distance(synthetic_matrix, train_matrix),
             "quality/ms_ssim_diversity": ms_ssim_diversity(synthetic_images, value_range),
-            **{f"audit/{name}": value for name, value in numeric_items(metrics)},
+            **{f"audit/{name}": value for name, value in numeric_items(audited)},
         }
         storage.write_bytes(figures_uri, json.dumps(figures, indent=2).encode())
         return figures
@@ -387,7 +375,7 @@ def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, A
             diffusion_trained = epoch + 1 - trial.cfg.autoencoder_epochs
             ray.tune.report({**{name.replace("/", "."): value for name, value in figures.items()},
                              "epoch": epoch, "diffusion_epochs_trained": diffusion_trained})
-            reason = early_stop_reason(history, study.early_stop)
+            reason = metrics.memorization_stop_reason(history, **study.early_stop.model_dump())
             if reason:
                 stopped = {"epoch": epoch, "reason": reason}
                 tracked.client.set_tag(tracked.run_id, "raymem.early_stopped_epoch", str(epoch))

@@ -28,7 +28,7 @@ synthetic set, and the two rates are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -430,3 +430,28 @@ def label_agreement(is_copy_label: np.ndarray, pair_scores: np.ndarray, threshol
     figures["n_labels"] = len(decisions)
     figures["agreement"] = float((decisions == np.asarray(is_copy_label, dtype=bool)).mean())
     return figures
+
+
+def pct_memorized_of_subset(memorized_ids: Iterable[str], subset_ids: Sequence[str]) -> float:
+    """Percentage (0-100) of ``subset_ids`` that are memorized: the paper's data-size comparison measures every model
+    on the subset all of them trained on."""
+    subset = set(subset_ids)
+    assert subset, "an empty subset has no memorized share"
+    return percent(len(subset & set(memorized_ids)), len(subset))
+
+
+def memorization_stop_reason(pct_copies: Sequence[float], *, max_pct_copies: float | None = None,
+                             rising_audits: int | None = None) -> str | None:
+    """Memorization-informed early stopping: why to stop training after the latest audit, or None.
+
+    pct_copies: % copies at each audit so far, in order. Stops when the latest exceeds ``max_pct_copies``, or when
+    it rose in each of the last ``rising_audits`` audits.
+    """
+    if not pct_copies:
+        return None
+    if max_pct_copies is not None and pct_copies[-1] > max_pct_copies:
+        return f"% copies {pct_copies[-1]:.2f} exceeds the budget {max_pct_copies:g}"
+    if rising_audits is not None and len(pct_copies) > rising_audits and all(
+            later > earlier for earlier, later in zip(pct_copies[-rising_audits - 1:-1], pct_copies[-rising_audits:])):
+        return f"% copies rose in {rising_audits} consecutive audits"
+    return None

@@ -292,3 +292,20 @@ def test_known_copies_already_in_the_synthetic_set_are_scored_and_listed(tmp_pat
     planted_from = result.matches["planted_from"].to_pylist()[:3]
     assert (result.metrics["sensitivity"], result.metrics["planted_copies"]["source_top1_rate"], planted_from) == (
         1.0, 1.0, ["t7", "t3", None])
+
+
+def test_memorized_share_of_the_shared_subset_counts_only_its_members():
+    assert metrics.pct_memorized_of_subset(["a", "b", "x"], ["a", "b", "c", "d"]) == 50.0
+
+
+def test_early_stop_on_the_copies_budget():
+    assert "budget" in metrics.memorization_stop_reason([1.0, 30.0], max_pct_copies=25.0)
+
+
+def test_early_stop_when_copies_rise_for_p_audits_in_a_row():
+    assert [metrics.memorization_stop_reason(history, rising_audits=2) is not None
+            for history in ([5.0, 6.0], [5.0, 6.0, 7.0], [5.0, 7.0, 6.0, 8.0])] == [False, True, False]
+
+
+def test_no_stopping_rule_never_stops():
+    assert metrics.memorization_stop_reason([0.0, 50.0, 100.0]) is None

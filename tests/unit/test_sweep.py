@@ -1,11 +1,11 @@
-"""The sweep's plan, without Ray: the grid, audited epochs, early stopping, and config errors that name the field."""
+"""The sweep's plan, without Ray: the grid, audited epochs, and config errors that name the field."""
 
 from __future__ import annotations
 
 import pytest
 
 from raymem.config import ConfigError, validate
-from raymem.sweep import EarlyStop, StudyConfig, audit_epochs, early_stop_reason, trial_key
+from raymem.sweep import StudyConfig, audit_epochs, trial_key
 
 BASE = {"study": "s", "storage_root": "/tmp/raymem-unit", "data": {"phantoms": {"kind": "xray2d"}},
         "ldm": {"autoencoder_epochs": 3, "diffusion_epochs": 10}, "factors": {"train_size": [8, 16]}}
@@ -37,20 +37,6 @@ def test_images_per_epoch_gives_every_size_the_same_steps_per_epoch():
 def test_audited_epochs_are_every_k_diffusion_epochs_and_the_last():
     # 3 autoencoder epochs (0-2); diffusion epochs 1..10 are global epochs 3..12.
     assert audit_epochs(3, 10, 4) == [6, 10, 12]
-
-
-def test_early_stop_on_budget():
-    assert "budget" in early_stop_reason([1.0, 30.0], EarlyStop(max_pct_copies=25.0))
-
-
-def test_early_stop_when_copies_rise_for_p_audits():
-    rule = EarlyStop(rising_audits=2)
-    assert [early_stop_reason(history, rule) is not None
-            for history in ([5.0, 6.0], [5.0, 6.0, 7.0], [5.0, 7.0, 6.0, 8.0])] == [False, True, False]
-
-
-def test_no_rule_never_stops():
-    assert early_stop_reason([0.0, 50.0, 100.0], EarlyStop()) is None
 
 
 @pytest.mark.parametrize(("changes", "field"), [
