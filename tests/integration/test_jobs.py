@@ -42,7 +42,7 @@ def ray_head():
                                start_new_session=True)
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
-        wait_http(f"{address}/api/jobs/", 120, process)
+        wait_http(f"{address}/api/jobs/", 240, process)
         yield address
     finally:
         stop_tree(process)
