@@ -36,15 +36,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
-from tqdm import tqdm
 
-from raymem import storage
+# The file writers' libraries (nibabel, pydicom, PIL, tqdm, and pyarrow through raymem.storage) are imported where
+# files are written, so generating images in memory needs only numpy and scipy (benchmarks/gpu_reproduce.py).
 
 KINDS = ("xray2d", "ct3d", "mri3d")
 FILE_FORMATS = ("auto", "png", "nifti", "dicom")
@@ -579,6 +575,8 @@ def _patient_record(seed: int, patient_index: int) -> _PatientRecord:
 
 def _encode_png(image: PhantomImage) -> bytes:
     """16-bit grayscale PNG of a 2D image, values rounded."""
+    from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(np.rint(image.array).astype(np.uint16)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -586,6 +584,8 @@ def _encode_png(image: PhantomImage) -> bytes:
 
 def _encode_nifti(image: PhantomImage) -> bytes:
     """Gzipped NIfTI-1 of a 3D image: data float32 in NIfTI's (x, y, z) order, affine diag(spacing x, y, z)."""
+    import nibabel as nib
+
     spacing_xyz = image.spacing_mm[::-1]
     nifti = nib.Nifti1Image(np.ascontiguousarray(image.array.transpose()), np.diag([*spacing_xyz, 1.0]))
     nifti.header.set_xyzt_units("mm")
@@ -599,6 +599,9 @@ def _encode_dicom(image: PhantomImage, kind: str, seed: int, record: _PatientRec
 
     One study and one series per image (each image is a separate visit); UIDs are generate_uid hashes of
     (kind, seed, patient, image, element), so rewriting the same phantoms gives the same files."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     dicom = _DICOM[image.modality]
     slices = image.array.reshape(-1, *image.array.shape[-2:])
     row_spacing, column_spacing = image.spacing_mm[-2:]
@@ -660,6 +663,10 @@ def write_files(dst: str, kind: str, *, patients: int, images_per_patient: int, 
     Layout: <dst>/patient-PPPP/img-KKK.<png|nii.gz|dcm>, or for 3D DICOM one series per image,
     <dst>/patient-PPPP/img-KKK/slice-ZZZZ.dcm. file_format: "png" (xray2d), "nifti" (3D kinds),
     "dicom" (all kinds), "auto" (png for xray2d, nifti for 3D). A tqdm bar counts images when progress."""
+    from tqdm import tqdm
+
+    from raymem import storage
+
     images = generate(kind, patients=patients, images_per_patient=images_per_patient, size=size, seed=seed)
     if file_format not in FILE_FORMATS:
         raise ValueError(f"unknown file format {file_format!r}: choose one of {', '.join(FILE_FORMATS)}")
