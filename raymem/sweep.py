@@ -231,11 +231,6 @@ def _embedding_table(uri: str) -> pa.Table:
                              for name in files])
 
 
-def _embedding_matrix(table: pa.Table) -> np.ndarray:
-    column = table["embedding"].combine_chunks()
-    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float64).reshape(len(table), -1)
-
-
 def _subset_embeddings(source_uri: str, sample_ids: Sequence[str] | None, out_uri: str) -> None:
     """The embeddings of ``sample_ids`` (all when None) as one Parquet file."""
     table = _embedding_table(source_uri)
