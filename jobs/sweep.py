@@ -7,7 +7,7 @@ same command to resume: finished trials are kept.
 
 import sys
 
-from raymem.sweep import main
+from raymem.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["sweep", *sys.argv[1:]]))  # the CLI's parser and its one-line user errors

@@ -512,19 +512,8 @@ def _dashboard(study: StudyConfig, root: str, uri: str) -> str:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``raymem sweep`` and jobs/sweep.py: load the study, join Ray, run the sweep, print the summary."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="raymem sweep: Ray Tune over the memorization factors")
-    parser.add_argument("--config", required=True, help="study YAML (local path or s3://)")
-    parser.add_argument("--sweep", help="override the file's sweep name (same name: resume; new name: new sweep)")
-    args = parser.parse_args(argv)
-    return sweep_command(args.config, args.sweep, out=sys.stdout)
-
-
 def sweep_command(config_uri: str, sweep: str | None, out) -> int:
+    """``raymem sweep`` (and jobs/sweep.py): load the study, join Ray, run the sweep, print the summary."""
     from raymem import runtime
 
     study = load_study(config_uri, sweep=sweep)
