@@ -1,11 +1,13 @@
 """The all-pairs search as Ray tasks over the kernel's tile grid (orchestration only: the science is in kernel.py).
 
 Each embedding set is streamed in once and put in the object store as raw float32 blocks of ``block_rows``
-rows (``put_blocks``); the driver keeps only object references. One task per tile (A block x B block) standardizes
-its two blocks and runs ``kernel.search_tile``; at most ``max_in_flight`` tasks are pending (``ray.wait``); a task
-whose worker dies is retried (``max_retries``), costing only its tile. Partial results are merged on the driver by
-``kernel.SearchAccumulator`` as they arrive, in any order. The tile grid, the per-tile function and the merge are
-the single-process search's (``kernel.search``), so the results are bitwise identical to it.
+rows (``put_blocks``); the driver keeps only object references. One task per tile (A block x B block) prepares
+its two blocks and runs ``kernel.search_tile`` with the floors the merged tiles had reached when it was submitted;
+at most ``max_in_flight`` tasks are pending (``ray.wait``); a task whose worker dies is retried (``max_retries``),
+costing only its tile. Partial results are merged on the driver by ``kernel.SearchAccumulator`` as they arrive, in
+any order. The tile grid, the per-tile function and the merge are the single-process search's (``kernel.search``);
+every score is exact and every selection a fixed rule, so the results are bitwise identical to it, whatever order
+the tiles finish in.
 
 Driver memory: the merged results, O(n * k + m + top pairs), and one block at a time while putting or reading
 rows. Tasks use Ray's default scheduling, which places a task where most of its argument bytes already are.
@@ -41,6 +43,9 @@ class BlockSet:
     def block_of(self, row: int) -> int:
         return row // self.block_rows
 
+    def rows_in(self, block: int) -> int:
+        return min(self.block_rows, self.n_rows - self.offsets[block])
+
 
 def rechunk(batches: Iterable[np.ndarray], block_rows: int) -> Iterator[np.ndarray]:
     """Regroup row batches (b_i, d) of any sizes into blocks of exactly block_rows rows (the last may be shorter)."""
@@ -67,22 +72,26 @@ def put_blocks(batches: Iterable[np.ndarray], block_rows: int, dim: int) -> Bloc
     return BlockSet(refs=refs, offsets=offsets, n_rows=n_rows, dim=dim, block_rows=block_rows)
 
 
-_workspace: dict[int, torch.Tensor] = {}  # per worker process: the strip buffer, reused by the tiles it runs
+_workspace: dict[int, kernel.Workspace] = {}  # per worker process: the strip buffer, reused by the tiles it runs
 
 
-def _tile(a_block: np.ndarray, b_block: np.ndarray, a_offset: int, b_offset: int, k: int, top_pairs: int, band: float):
-    """One tile from raw blocks: standardize both (as kernel.search does per block) and run kernel.search_tile."""
+def _tile(a_block: np.ndarray, b_block: np.ndarray, a_offset: int, b_offset: int, k: int, top_pairs: int, band: float,
+          row_floor: torch.Tensor, column_floor: torch.Tensor):
+    """One tile from raw blocks: prepare both (as kernel.search does per block) and run kernel.search_tile. The
+    screen is this worker's default: results do not depend on it, so workers on different CPUs agree."""
     if len(b_block) not in _workspace:
         _workspace.clear()
         _workspace[len(b_block)] = kernel.make_workspace(len(b_block))
     return kernel.search_tile(
-        kernel.standardize(torch.from_numpy(np.array(a_block))),
-        kernel.standardize(torch.from_numpy(np.array(b_block))),
+        kernel.prepare_block(torch.from_numpy(np.array(a_block))),
+        kernel.prepare_block(torch.from_numpy(np.array(b_block))),
         a_offset=a_offset,
         b_offset=b_offset,
         k=k,
         top_pairs=top_pairs,
         band=band,
+        row_floor=row_floor,
+        column_floor=column_floor,
         workspace=_workspace[len(b_block)],
     )
 
@@ -127,8 +136,10 @@ def search(
     for a_offset, b_offset in kernel.tile_grid(a.n_rows, b.n_rows, a.block_rows):
         if len(pending) >= max_in_flight:
             _merge_ready(pending, accumulator, progress)
-        a_ref, b_ref = a.refs[a.block_of(a_offset)], b.refs[b.block_of(b_offset)]
-        pending[task.remote(a_ref, b_ref, a_offset, b_offset, k, top_pairs, band)] = (a_offset, b_offset)
+        a_id, b_id = a.block_of(a_offset), b.block_of(b_offset)
+        floors = accumulator.floors(a_offset, a.rows_in(a_id), b_offset, b.rows_in(b_id))
+        pending[task.remote(a.refs[a_id], b.refs[b_id], a_offset, b_offset, k, top_pairs, band, *floors)] = (
+            a_offset, b_offset)
     while pending:
         _merge_ready(pending, accumulator, progress)
     return accumulator.result()

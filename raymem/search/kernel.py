@@ -7,38 +7,56 @@ For A (n x d) and B (m x d) the search returns, without ever holding the n x m s
 - optionally the largest pair scores over all n * m pairs (``top_pairs``), which the matched calibration's
   null distribution needs (raymem.audit.metrics).
 
-Scores are Pearson correlations: each row is centred and L2-normalised (in float64, then rounded to float32),
-so a score is a float32 dot product. Ties go to the lowest index, exactly: selections sort int64 keys that pack a
-float32 score and an index (``order_key``), and a column's best row is the first row equal to its maximum.
+Scores are Pearson correlations: each row is centred and L2-normalised in float64, so a score is the dot product
+of two standardized rows. Every reported score is that dot product computed in float64 and rounded to float32, so
+the results do not depend on the BLAS, the tile grid or the screen below. Ties go to the lowest index, exactly:
+selections sort int64 keys that pack a float32 score and an index (``order_key``).
+
+Screen and recheck. A tile's scores are first computed by one GEMM of the rows rounded to a screen dtype
+(bfloat16 where the CPU has bfloat16 dot products: about 2.4x the float32 GEMM rate on such CPUs; float32
+elsewhere). ``ScreenBound`` bounds the screen's error from below and above for that tile: the measured rounding of
+the rows, the GEMM's float32 accumulation and, for a bfloat16 result, its rounding. The reductions run on the
+screen scores with every threshold lowered by that bound, so they keep a few more entries than they need and
+never one fewer; those candidates are then recomputed in float64 and the exact selection is made among them. A
+candidate whose screen score falls outside its bound (a GEMM that does not accumulate as assumed) raises.
 
 The work is split on a fixed grid of tiles: A rows and B rows in blocks of ``block_rows``. ``search_tile`` is
 the one function that turns a tile into partial results, and ``SearchAccumulator`` merges partial results in any
-order into the same answer; the Ray search (raymem.search.distributed) uses both unchanged, which is why the two
-are bitwise identical (a BLAS may round differently for a different matrix shape, never for the same one).
+order into the same answer; the Ray search (raymem.search.distributed) uses both unchanged.
 
 Inside a tile, A rows go in strips whose score buffer stays cache-sized. Per strip the reductions touch every
 score once or twice with value-only maxima (over chunks of ``COLUMN_CHUNK`` columns and ``ROW_CHUNK`` rows); the
-few entries that can matter are then picked out and sorted by key. Memory is O(strip + results).
+few entries that can matter are then picked out. Memory is O(strip + results).
 
-Float64 recomputation (``exact_topk``, ``exact_pair_scores``) serves the audit's decisions within 1e-3 of a
-threshold (raymem.audit.metrics).
+Float64 recomputation of whole rows (``exact_topk``, ``exact_pair_scores``) serves the audit's decisions within
+1e-3 of a threshold (raymem.audit.metrics).
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 COLUMN_CHUNK = 64  # columns per chunk maximum (rows' top-k): a row's candidates are chunks that reach its bound
 ROW_CHUNK = 16  # rows per chunk maximum (columns' best)
-BOUND_GROUPS_PER_K = 2  # see _row_candidates
 STRIP_SCORES = 1 << 21  # scores per strip buffer: 8 MiB of float32 stays in this CPU's caches
+RESCORE_PAIRS = 8192  # candidate pairs recomputed in float64 at a time (bounds the gathered rows' memory)
+SCREENS = ("bfloat16", "float32")
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+_FLOAT64_NOISE = 1e-9  # float64 standardization and dot products of unit rows, d << 1e6: errors below 1e-12
+_REPORT_SLACK = 1e-6  # screen thresholds sit this far lower: float32 rounding of thresholds and reported scores
 _INT32_MAGNITUDE = 0x7FFFFFFF
+PADDING_INDEX = 0x7FFFFFFF  # index of a tile's padding entries (score -inf): order_key sorts it after every row
+
+# rescore builds a sparse CSR pattern only to name the pairs for sampled_addmm; torch warns that CSR is beta
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 def find_invalid_rows(embeddings: torch.Tensor) -> torch.Tensor:
@@ -61,15 +79,130 @@ def standardize(embeddings: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return rows.to(dtype)
 
 
+def _monotone_bits(scores: torch.Tensor) -> torch.Tensor:
+    """int64 in [-2**31, 2**31), ascending with the float32 scores (-0.0 counts as +0.0)."""
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ _INT32_MAGNITUDE, bits).to(torch.int64)
+
+
 def order_key(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """int64 keys, ascending in (score descending, index ascending): any shape, float32 scores, indices < 2**31.
 
-    The float32 bits are mapped to an int32 that is monotone in the value (-0.0 counts as +0.0), negated, and
-    placed above the index.
+    The float32 bits are mapped to an int64 that is monotone in the value, negated, and placed above the index.
     """
-    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    monotone = torch.where(bits < 0, bits ^ _INT32_MAGNITUDE, bits).to(torch.int64)
-    return ((-monotone) << 32) | indices
+    return ((-_monotone_bits(scores)) << 32) | indices
+
+
+def default_screen(device: torch.device | str = "cpu") -> str:
+    """bfloat16 on a CPU with bfloat16 dot products (AVX512-BF16 or AMX), float32 elsewhere (other CPUs would
+    emulate bfloat16 slower than float32; CUDA tiles are float32 here, raymem.search.gpu has the fused kernel)."""
+    if torch.device(device).type != "cpu":
+        return "float32"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ready for ``search_tile``: exact (r, d) float64 standardized rows; screen (r, d) the same rounded to
+    the screen dtype; rounding: the largest L2 norm of a row's rounding error, ||screen_i - exact_i||."""
+
+    exact: torch.Tensor
+    screen: torch.Tensor
+    rounding: float
+
+
+def prepare_block(embeddings: torch.Tensor, screen: str | None = None) -> Block:
+    """Standardize raw embeddings (r, d) for the search and round them to the screen dtype (``SCREENS``; None:
+    ``default_screen`` of their device)."""
+    screen = screen or default_screen(embeddings.device)
+    if screen not in SCREENS:
+        raise ValueError(f"screen {screen!r} is not one of {SCREENS}")
+    exact = standardize(embeddings, torch.float64)
+    rounded = exact.to(getattr(torch, screen))
+    error = torch.linalg.vector_norm(rounded.to(torch.float64) - exact, dim=1)
+    return Block(exact=exact, screen=rounded, rounding=float(error.max()) if len(error) else 0.0)
+
+
+@dataclass(frozen=True)
+class ScreenBound:
+    """How far a tile's screen score x can be from the exact score t of the same pair.
+
+    The GEMM computes y with |y - t| <= inner and, for a bfloat16 result, rounds it once: x = y (1 + e) with
+    |e| <= output (0 for a float32 result). ``low`` and ``high`` bound t given x; ``reach`` is the smallest x whose
+    t can reach a level.
+    """
+
+    inner: float
+    output: float
+
+    @classmethod
+    def for_tile(cls, a: Block, b: Block) -> ScreenBound:
+        """The bound of a.screen @ b.screen.T, float32 accumulation over d terms.
+
+        Rows are unit vectors rounded with errors e_a, e_b (||e|| <= a.rounding, b.rounding): by Cauchy-Schwarz
+        |a'.b' - a.b| <= ||e_a|| + ||a'|| ||e_b||, and summing d products in float32 adds at most
+        gamma_d ||a'|| ||b'|| (gamma_d = d u / (1 - d u), u = 2**-24; Higham, Accuracy and Stability, 3.1).
+        A float32 GEMM that torch lets round its inputs lower (``torch.get_float32_matmul_precision()`` other
+        than "highest": TF32 or bfloat16 passes) is bounded as if it rounded them to bfloat16.
+        """
+        d = a.exact.shape[1]
+        gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
+        norm_a, norm_b = 1 + a.rounding, 1 + b.rounding
+        inner = a.rounding + norm_a * b.rounding + gamma * norm_a * norm_b + _FLOAT64_NOISE
+        if a.screen.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            inner += (2 * 2.0**-8 + 2.0**-16) * norm_a * norm_b
+        output = _UNIT_ROUNDOFF[a.screen.dtype] if a.screen.dtype != torch.float32 else 0.0
+        return cls(inner=inner, output=output)
+
+    def low(self, screen_scores: torch.Tensor) -> torch.Tensor:
+        """A lower bound (float64) of the exact scores of entries with these screen scores."""
+        x = screen_scores.to(torch.float64)
+        return torch.where(x >= 0, x / (1 + self.output), x / (1 - self.output)) - self.inner
+
+    def high(self, screen_scores: torch.Tensor) -> torch.Tensor:
+        """An upper bound (float64) of the exact scores of entries with these screen scores."""
+        x = screen_scores.to(torch.float64)
+        return torch.where(x >= 0, x / (1 - self.output), x / (1 + self.output)) + self.inner
+
+    def reach(self, level: torch.Tensor) -> torch.Tensor:
+        """float32 thresholds: every entry whose exact score is >= level (float64), or whose reported float32
+        score can tie with such an entry's, has a screen score >= the threshold (``high`` inverted, lowered by
+        _REPORT_SLACK)."""
+        z = level - _REPORT_SLACK - self.inner
+        return torch.where(z >= 0, z * (1 - self.output), z * (1 + self.output)).to(torch.float32)
+
+
+def rescore(a: Block, b: Block, rows: torch.Tensor, cols: torch.Tensor, screen_scores: torch.Tensor,
+            bound: ScreenBound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact scores of distinct candidate pairs (t,) (local rows of a, local rows of b): float64 dot products
+    rounded once to float32. Returns (rows, cols, scores) ordered by (row, col).
+
+    A sampled dense-dense product (``torch.sparse.sampled_addmm``) computes just these dot products, reading the
+    rows in place: gathering t rows of d float64s for an element-wise product costs some 30 times more. Raises if
+    a screen score lies outside its bound (a GEMM that broke the bound's assumptions).
+    """
+    pairs = rows * b.exact.shape[0] + cols
+    if len(pairs) > 1 and not bool((pairs[1:] > pairs[:-1]).all()):  # row candidates come in order already
+        order = torch.argsort(pairs)
+        rows, cols, screen_scores = rows[order], cols[order], screen_scores[order]
+    row_starts = torch.zeros(a.exact.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=a.exact.shape[0]), 0, out=row_starts[1:])
+    pattern = torch.sparse_csr_tensor(row_starts, cols, torch.zeros(len(rows), dtype=torch.float64, device=rows.device),
+                                      size=(a.exact.shape[0], b.exact.shape[0]), check_invariants=False)
+    exact = torch.sparse.sampled_addmm(pattern, a.exact, b.exact.T).values()
+    outside = (exact < bound.low(screen_scores)) | (exact > bound.high(screen_scores))
+    if outside.any():
+        worst = float((exact - screen_scores.to(torch.float64)).abs().max())
+        raise RuntimeError(
+            f"the {a.screen.dtype} screen GEMM erred by {worst:.3g}, beyond its bound (inner {bound.inner:.3g}, "
+            f"output {bound.output:.3g}); this BLAS does not accumulate as assumed: search with screen='float32'"
+        )
+    return rows, cols, exact.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -96,14 +229,32 @@ class SearchResult:
 def _select_per_row(rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor, n_rows: int, k: int):
     """From candidate entries (t,) with local row numbers, each row's best k by (score desc, col asc).
 
-    Every row must have at least k candidates. Returns (n_rows, k) scores and cols.
+    Entries of one row must come in ascending col order (one stable sort then breaks score ties by col). Returns
+    (n_rows, k) scores and cols; a row with fewer than k candidates is padded with score -inf and col -1.
     """
-    by_score = torch.argsort(order_key(scores, cols))
-    by_row = by_score[torch.sort(rows[by_score], stable=True).indices]
+    descending = _INT32_MAGNITUDE - _monotone_bits(scores)  # in [0, 2**32)
+    by_row = torch.sort((rows << 32) | descending, stable=True).indices
     counts = torch.bincount(rows, minlength=n_rows)
     starts = torch.cumsum(counts, 0) - counts
-    keep = by_row[(torch.arange(len(by_row), device=rows.device) - starts[rows[by_row]]) < k]
-    return scores[keep].view(n_rows, k), cols[keep].view(n_rows, k)
+    position = torch.arange(len(by_row), device=rows.device) - starts[rows[by_row]]
+    kept = by_row[position < k]
+    if len(kept) == n_rows * k:
+        return scores[kept].view(n_rows, k), cols[kept].view(n_rows, k)
+    best_scores = torch.full((n_rows, k), -torch.inf, device=scores.device)
+    best_cols = torch.full((n_rows, k), -1, dtype=torch.int64, device=cols.device)
+    best_scores[rows[kept], position[position < k]] = scores[kept]
+    best_cols[rows[kept], position[position < k]] = cols[kept]
+    return best_scores, best_cols
+
+
+def _nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) int64 of the true entries of a 2D bool mask, in row-major order. On CPU numpy's flatnonzero
+    runs several times faster than torch.nonzero."""
+    if mask.device.type == "cpu":
+        flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+    else:
+        flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    return flat // mask.shape[1], flat % mask.shape[1]
 
 
 def _entries_at_least(strip: torch.Tensor, chunk_max: torch.Tensor, bound: torch.Tensor):
@@ -113,16 +264,18 @@ def _entries_at_least(strip: torch.Tensor, chunk_max: torch.Tensor, bound: torch
     The w % COLUMN_CHUNK trailing columns are read directly.
     """
     n_chunks = chunk_max.shape[1]
-    chunk_rows, chunks = torch.nonzero(chunk_max >= bound[:, None], as_tuple=True)
+    chunk_rows, chunks = _nonzero(chunk_max >= bound[:, None])
     chunked = strip[:, : n_chunks * COLUMN_CHUNK].view(len(strip), n_chunks, COLUMN_CHUNK)
     if chunked.is_contiguous():  # index_select on whole chunks is several times faster than fancy indexing
         values = chunked.view(-1, COLUMN_CHUNK).index_select(0, chunk_rows * n_chunks + chunks)
     else:
         values = chunked[chunk_rows, chunks]
-    hit, offset = torch.nonzero(values >= bound[chunk_rows, None], as_tuple=True)
+    hit, offset = _nonzero(values >= bound[chunk_rows, None])
     rows, cols, scores = chunk_rows[hit], chunks[hit] * COLUMN_CHUNK + offset, values[hit, offset]
     tail = strip[:, n_chunks * COLUMN_CHUNK :]
-    tail_rows, tail_cols = torch.nonzero(tail >= bound[:, None], as_tuple=True)
+    if tail.shape[1] == 0:
+        return rows, cols, scores
+    tail_rows, tail_cols = _nonzero(tail >= bound[:, None])
     return (
         torch.cat([rows, tail_rows]),
         torch.cat([cols, tail_cols + n_chunks * COLUMN_CHUNK]),
@@ -130,132 +283,179 @@ def _entries_at_least(strip: torch.Tensor, chunk_max: torch.Tensor, bound: torch
     )
 
 
-def _row_candidates(strip: torch.Tensor, chunk_max: torch.Tensor, k: int):
-    """Entries of a strip (r, w) that include every row's top-k (k <= w), as local (rows, cols, scores).
+def _row_candidates(strip: torch.Tensor, chunk_max: torch.Tensor, k: int, bound: ScreenBound, floor: torch.Tensor):
+    """Entries of a strip (r, w) of screen scores that include every row's exact top-k (k <= w) among the
+    entries that reach ``floor`` (r,) (screen thresholds from other tiles), as local (rows, cols, screen scores).
 
-    A row's bound is the k-th largest of the maxima of BOUND_GROUPS_PER_K * k disjoint groups of its chunks: k
-    distinct entries reach it, so the row's k best do too, and only entries >= bound are kept (a few more than k
-    per row). Groups rather than single chunks because sorting a few group maxima costs less than a top-k.
+    A row's screen bound is the k-th largest of its chunk maxima: k distinct entries reach it, so the row's k-th
+    best exact score is at least ``bound.low`` of it, and only entries that can reach that are kept (a few more
+    than k per row).
     """
     n_rows, n_chunks = chunk_max.shape
-    n_groups = min(n_chunks, BOUND_GROUPS_PER_K * k)
-    if n_groups >= k:
-        per_group = n_chunks // n_groups
-        group_max = chunk_max[:, : n_groups * per_group].view(n_rows, n_groups, per_group).amax(dim=2)
-        bound = torch.sort(group_max, dim=1, descending=True).values[:, k - 1]
-    else:
-        bound = torch.full((n_rows,), -torch.inf, dtype=strip.dtype, device=strip.device)
-    return _entries_at_least(strip, chunk_max, bound)
+    if n_chunks < k:
+        return _entries_at_least(strip, chunk_max, floor)
+    kth = torch.topk(chunk_max, k, dim=1, sorted=False).values.amin(dim=1)
+    return _entries_at_least(strip, chunk_max, torch.maximum(bound.reach(bound.low(kth)), floor))
 
 
-def _first_match(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """For each column of values (r, w), the first row equal to target (w,), which must occur: (w,) int64.
+def _column_candidates(strip: torch.Tensor, column_max: torch.Tensor, bound: ScreenBound, floor: torch.Tensor):
+    """Entries of a strip (r, w) that can be their column's best in the tile so far and reach ``floor`` (w,)
+    (screen thresholds from other tiles), as local (rows, cols, screen scores), and the columns' running screen
+    maxima (w,) updated with this strip.
 
-    Float arithmetic (a max of descending row weights) because it is much faster on CPU than an integer argmin.
-    """
-    n_rows = values.shape[0]
-    weights = torch.arange(n_rows, 0, -1, dtype=values.dtype, device=values.device)[:, None]
-    return n_rows - torch.where(values == target, weights, 0.0).amax(dim=0).to(torch.int64)
-
-
-def _column_best(strip: torch.Tensor):
-    """Each strip column's best row: (r, w) -> (w,) scores, (w,) local rows (ties: lowest row); r < 2**24.
-
-    Chunk maxima over ROW_CHUNK rows find each column's first chunk holding its maximum, then the first row in it.
+    Chunk maxima over ROW_CHUNK rows find the chunks that can hold such an entry; only those are read.
     """
     n_rows, width = strip.shape
     n_chunks = n_rows // ROW_CHUNK
-    if n_chunks == 0:
-        best = strip.amax(dim=0)
-        return best, _first_match(strip, best)
     chunk_max = strip[: n_chunks * ROW_CHUNK].view(n_chunks, ROW_CHUNK, width).amax(dim=1)
-    best = chunk_max.amax(dim=0)
-    first_chunk = _first_match(chunk_max, best)
-    columns = torch.arange(width, device=strip.device)
-    offsets = torch.arange(ROW_CHUNK, device=strip.device) * width
-    in_chunk = (first_chunk * ROW_CHUNK * width + columns)[None, :] + offsets[:, None]
-    inside = strip.view(-1).index_select(0, in_chunk.view(-1)).view(ROW_CHUNK, width)
-    rows = first_chunk * ROW_CHUNK + _first_match(inside, best)
-    if n_chunks * ROW_CHUNK == n_rows:
-        return best, rows
-    rest_best, rest_rows = _column_best(strip[n_chunks * ROW_CHUNK :])
-    better = rest_best > best  # the remaining rows come later: equal scores keep the earlier row
-    return torch.where(better, rest_best, best), torch.where(better, rest_rows + n_chunks * ROW_CHUNK, rows)
+    tail = strip[n_chunks * ROW_CHUNK :]
+    column_max = torch.maximum(column_max, chunk_max.amax(dim=0) if n_chunks else tail.amax(dim=0))
+    if n_chunks and len(tail):
+        column_max = torch.maximum(column_max, tail.amax(dim=0))
+    threshold = torch.maximum(bound.reach(bound.low(column_max)), floor)
+    chunks, cols = _nonzero(chunk_max >= threshold)
+    in_chunk = torch.arange(ROW_CHUNK, device=strip.device)
+    rows = chunks[:, None] * ROW_CHUNK + in_chunk
+    values = strip.view(-1).index_select(0, (rows * width + cols[:, None]).view(-1)).view(-1, ROW_CHUNK)
+    hit, offset = _nonzero(values >= threshold[cols, None])
+    rows, cols, scores = rows[hit, offset], cols[hit], values[hit, offset]
+    if len(tail) == 0:
+        return column_max, (rows, cols, scores)
+    tail_rows, tail_cols = _nonzero(tail >= threshold)
+    return column_max, (
+        torch.cat([rows, tail_rows + n_chunks * ROW_CHUNK]),
+        torch.cat([cols, tail_cols]),
+        torch.cat([scores, tail[tail_rows, tail_cols]]),
+    )
 
 
-def _top_pairs_of_strip(strip: torch.Tensor, chunk_max: torch.Tensor, count: int, band: float):
-    """The strip's ``count`` largest entries and every entry within ``band`` below the count-th largest, as local
-    (rows, cols, scores). The count-th largest chunk maximum bounds the count-th largest entry from below."""
-    n_chunks = chunk_max.numel()
-    if count <= n_chunks:
-        bound = torch.topk(chunk_max.reshape(-1), count, sorted=False).values.amin()
+def _pair_candidates(strip: torch.Tensor, chunk_max: torch.Tensor, count: int, band: float, bound: ScreenBound,
+                     level: torch.Tensor):
+    """Entries of a strip (r, w) that can be among the tile's ``count`` largest exact scores or within ``band``
+    below the count-th, as local (rows, cols, screen scores), and the level (float64) the tile's count-th exact
+    score is known to reach, raised with this strip.
+
+    The strip's count-th largest chunk maximum: count distinct entries reach it in screen scores.
+    """
+    if count <= chunk_max.numel():
+        kth = torch.topk(chunk_max.reshape(-1), count, sorted=False).values.amin()
     else:
-        bound = torch.topk(strip.reshape(-1), min(count, strip.numel()), sorted=False).values.amin()
-    return _entries_at_least(strip, chunk_max, (bound - band).expand(strip.shape[0]))
+        kth = torch.topk(strip.reshape(-1), min(count, strip.numel()), sorted=False).values.amin()
+    if count <= strip.numel():
+        level = torch.maximum(level, bound.low(kth))
+    threshold = bound.reach(level - band)
+    return level, _entries_at_least(strip, chunk_max, threshold.expand(strip.shape[0]))
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Strip buffers reused across tiles: scores (float32) and product (bfloat16, the screen GEMM's output)."""
+
+    scores: torch.Tensor
+    product: torch.Tensor
+
+
+def make_workspace(b_rows: int, device: torch.device | str = "cpu") -> Workspace:
+    """Strip buffers for tiles with up to ``b_rows`` B rows (STRIP_SCORES entries, or one strip row)."""
+    size = max(STRIP_SCORES, b_rows)
+    return Workspace(scores=torch.empty(size, dtype=torch.float32, device=device),
+                     product=torch.empty(size, dtype=torch.bfloat16, device=device))
+
+
+def _screen_scores(a_strip: torch.Tensor, b_transposed: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """The strip's screen scores (r, w) as float32, in the workspace."""
+    shape = (a_strip.shape[0], b_transposed.shape[1])
+    scores = workspace.scores[: shape[0] * shape[1]].view(shape)
+    if a_strip.dtype == torch.float32:
+        return torch.mm(a_strip, b_transposed, out=scores)
+    product = workspace.product[: shape[0] * shape[1]].view(shape)
+    torch.mm(a_strip, b_transposed, out=product)
+    return scores.copy_(product)
+
+
+def _concat(parts: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, scores) parts joined; empty int64/int64/float32 tensors when there are none."""
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.zeros(0, device=device)
+    rows, cols, scores = zip(*parts)
+    return torch.cat(rows), torch.cat(cols), torch.cat(scores)
 
 
 def search_tile(
-    a_block: torch.Tensor,
-    b_block: torch.Tensor,
+    a: Block,
+    b: Block,
     *,
     a_offset: int,
     b_offset: int,
     k: int,
     top_pairs: int = 0,
     band: float = 0.0,
-    workspace: torch.Tensor | None = None,
+    row_floor: torch.Tensor | None = None,
+    column_floor: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> SearchResult:
-    """One tile of the search: standardized float32 blocks a_block (a, d) and b_block (b, d), their first global
-    row numbers a_offset and b_offset.
+    """One tile of the search: blocks a (a rows) and b (b rows) from ``prepare_block`` with the same screen dtype,
+    their first global row numbers a_offset and b_offset.
 
     Returns each A row's top-min(k, b) within the tile, each B row's best A row within the tile, and (top_pairs > 0)
-    the tile's top_pairs largest scores plus every score within ``band`` below the top_pairs-th. workspace: a
-    float32 buffer of at least ``min(a, strip) * b`` elements (see ``make_workspace``) reused across tiles.
+    the tile's top_pairs largest scores plus every score within ``band`` below the top_pairs-th; all scores exact
+    (float64 rounded to float32). workspace: from ``make_workspace``, reused across tiles.
+
+    row_floor (a,) and column_floor (b,), float32: scores that other tiles already found for each A row's k-th best
+    and each B row's best (``SearchAccumulator.floors``; -inf: none yet). Entries below a floor cannot change the
+    merged result, so they are skipped; a row or column left without enough entries is padded with score -inf
+    and index PADDING_INDEX.
     """
-    n_a, n_b = a_block.shape[0], b_block.shape[0]
+    device = a.screen.device
+    n_a, n_b = a.screen.shape[0], b.screen.shape[0]
     k = min(k, n_b)
+    bound = ScreenBound.for_tile(a, b)
     strip_rows = max(1, STRIP_SCORES // n_b)
-    if workspace is None:
-        workspace = make_workspace(n_b, a_block.device)
-    b_transposed = b_block.T
-    row_parts, pair_parts = [], []
-    col_scores = torch.full((n_b,), -torch.inf, device=a_block.device)
-    col_rows = torch.zeros(n_b, dtype=torch.int64, device=a_block.device)
+    workspace = workspace or make_workspace(n_b, device)
+    b_transposed = b.screen.T
+    n_chunks = n_b // COLUMN_CHUNK
+    row_parts, column_parts, pair_parts = [], [], []
+    column_max = torch.full((n_b,), -torch.inf, device=device)
+    pair_level = torch.tensor(-torch.inf, dtype=torch.float64, device=device)
+    no_floor = torch.tensor(-torch.inf, device=device)
+    row_floor = no_floor.expand(n_a) if row_floor is None else bound.reach(row_floor.to(torch.float64))
+    column_floor = no_floor.expand(n_b) if column_floor is None else bound.reach(column_floor.to(torch.float64))
     for start in range(0, n_a, strip_rows):
-        a_strip = a_block[start : start + strip_rows]
-        strip = workspace[: a_strip.shape[0] * n_b].view(a_strip.shape[0], n_b)
-        torch.mm(a_strip, b_transposed, out=strip)
-        n_chunks = n_b // COLUMN_CHUNK
+        strip = _screen_scores(a.screen[start : start + strip_rows], b_transposed, workspace)
         chunk_max = strip[:, : n_chunks * COLUMN_CHUNK].view(len(strip), n_chunks, COLUMN_CHUNK).amax(dim=2)
-        rows, cols, scores = _row_candidates(strip, chunk_max, k)
+        rows, cols, scores = _row_candidates(strip, chunk_max, k, bound, row_floor[start : start + len(strip)])
         row_parts.append((rows + start, cols, scores))
-        best, rows = _column_best(strip)
-        better = best > col_scores  # strips come in row order: equal scores keep the earlier row
-        col_scores = torch.where(better, best, col_scores)
-        col_rows = torch.where(better, rows + start, col_rows)
+        column_max, (rows, cols, scores) = _column_candidates(strip, column_max, bound, column_floor)
+        column_parts.append((rows + start, cols, scores))
         if top_pairs > 0:
-            rows, cols, scores = _top_pairs_of_strip(strip, chunk_max, top_pairs, band)
+            pair_level, (rows, cols, scores) = _pair_candidates(strip, chunk_max, top_pairs, band, bound, pair_level)
             pair_parts.append((rows + start, cols, scores))
-    pair_rows, pair_cols, pair_scores = (torch.cat(part) for part in zip(*pair_parts)) if pair_parts else (
-        torch.zeros(0, dtype=torch.int64, device=a_block.device),
-        torch.zeros(0, dtype=torch.int64, device=a_block.device),
-        torch.zeros(0, device=a_block.device),
-    )
-    row_scores, row_cols = _select_per_row(*(torch.cat(part) for part in zip(*row_parts)), n_a, k)
+
+    rows, cols, scores = rescore(a, b, *_concat(row_parts, device), bound)
+    row_scores, row_cols = _select_per_row(rows, cols, scores, n_a, k)
+
+    rows, cols, scores = _concat(column_parts, device)
+    # earlier strips kept entries for the lower maximum they knew
+    final = scores >= torch.maximum(bound.reach(bound.low(column_max)), column_floor)[cols]
+    rows, cols, scores = rescore(a, b, rows[final], cols[final], scores[final], bound)
+    col_scores, col_rows = _select_per_row(cols, rows, scores, n_b, 1)
+
+    rows, cols, scores = _concat(pair_parts, device)
+    final = scores >= bound.reach(pair_level - band)
+    rows, cols, pair_scores = rescore(a, b, rows[final], cols[final], scores[final], bound)
+    if len(pair_scores) > top_pairs > 0:
+        keep = pair_scores >= torch.topk(pair_scores, top_pairs, sorted=False).values.amin() - band
+        rows, cols, pair_scores = rows[keep], cols[keep], pair_scores[keep]
     return SearchResult(
         row_scores=row_scores,
-        row_indices=row_cols + b_offset,
-        col_scores=col_scores,
-        col_indices=col_rows + a_offset,
+        row_indices=torch.where(row_cols >= 0, row_cols + b_offset, PADDING_INDEX),
+        col_scores=col_scores[:, 0],
+        col_indices=torch.where(col_rows[:, 0] >= 0, col_rows[:, 0] + a_offset, PADDING_INDEX),
         pair_scores=pair_scores,
-        pair_rows=pair_rows + a_offset,
-        pair_cols=pair_cols + b_offset,
+        pair_rows=rows + a_offset,
+        pair_cols=cols + b_offset,
     )
-
-
-def make_workspace(b_rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A strip buffer for tiles with up to ``b_rows`` B rows (float32, STRIP_SCORES or one strip row)."""
-    return torch.empty(max(STRIP_SCORES, b_rows), dtype=torch.float32, device=device)
 
 
 class SearchAccumulator:
@@ -299,6 +499,12 @@ class SearchAccumulator:
 
         if self.top_pairs > 0:
             self._merge_pairs(tile.pair_scores, tile.pair_rows, tile.pair_cols)
+
+    def floors(self, a_offset: int, a_rows: int, b_offset: int, b_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the tiles merged so far found: the k-th best score of A rows a_offset.. (a_rows,) and the best score
+        of B rows b_offset.. (b_rows,), float32, -inf where not yet found (``search_tile``'s floors)."""
+        return (self._row_scores[a_offset : a_offset + a_rows, -1].clone(),
+                self.col_scores[b_offset : b_offset + b_rows].clone())
 
     def _merge_pairs(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
         scores = torch.cat([self.pair_scores, scores])
@@ -355,13 +561,15 @@ def search(
     top_pairs: int = 0,
     band: float = 0.0,
     workers: int | None = None,
+    screen: str | None = None,
     progress=None,
 ) -> SearchResult:
     """Exact Pearson search of raw embeddings a (n, d) against b (m, d), in this process on their device.
 
     k: top-k per A row (min(k, m) kept). top_pairs > 0 also returns the top_pairs largest of all n * m pair
     scores plus every pair within ``band`` below the top_pairs-th. Rows must be valid (``find_invalid_rows``).
-    Blocks are standardized once each; tiles follow ``tile_grid``.
+    Blocks are prepared once each (``prepare_block``; screen: one of SCREENS, None for ``default_screen``; the
+    results are the same for every screen, only the speed differs); tiles follow ``tile_grid``.
 
     On CPU, up to ``workers`` threads (default: torch's intra-op thread count) run whole tiles, each with the
     remaining share of intra-op threads (one when there are enough tiles): the tile's many small reductions gain
@@ -373,32 +581,39 @@ def search(
     threads = torch.get_num_threads()
     n_tiles = -(-a.shape[0] // block_rows) * -(-b.shape[0] // block_rows)
     workers = 1 if device.type == "cuda" else min(workers or threads, n_tiles)
-    a_blocks = [standardize(a[start : start + block_rows]) for start in range(0, a.shape[0], block_rows)]
-    b_blocks = [standardize(b[start : start + block_rows]) for start in range(0, b.shape[0], block_rows)]
+    screen = screen or default_screen(device)
+    a_blocks = [prepare_block(a[start : start + block_rows], screen) for start in range(0, a.shape[0], block_rows)]
+    b_blocks = [prepare_block(b[start : start + block_rows], screen) for start in range(0, b.shape[0], block_rows)]
     accumulator = SearchAccumulator(a.shape[0], b.shape[0], k, top_pairs=top_pairs, band=band, device=device)
+    merging = threading.Lock()
     per_thread = threading.local()
 
     def run_tile(a_offset: int, b_offset: int) -> SearchResult:
         if not hasattr(per_thread, "workspace"):
             per_thread.workspace = make_workspace(min(block_rows, b.shape[0]), device)
-        return search_tile(a_blocks[a_offset // block_rows], b_blocks[b_offset // block_rows], a_offset=a_offset,
-                           b_offset=b_offset, k=k, top_pairs=top_pairs, band=band, workspace=per_thread.workspace)
+        a_block, b_block = a_blocks[a_offset // block_rows], b_blocks[b_offset // block_rows]
+        with merging:
+            row_floor, column_floor = accumulator.floors(a_offset, len(a_block.exact), b_offset, len(b_block.exact))
+        return search_tile(a_block, b_block, a_offset=a_offset, b_offset=b_offset, k=k, top_pairs=top_pairs,
+                           band=band, row_floor=row_floor, column_floor=column_floor, workspace=per_thread.workspace)
 
     with _intra_op_threads(max(1, threads // workers)), ThreadPoolExecutor(workers) as pool:
         pending: dict = {}
         for offsets in tile_grid(a.shape[0], b.shape[0], block_rows):
             if len(pending) >= 2 * workers:  # bounded: results are merged as they finish
-                _merge_finished(pending, accumulator, progress)
+                _merge_finished(pending, accumulator, merging, progress)
             pending[pool.submit(run_tile, *offsets)] = offsets
         while pending:
-            _merge_finished(pending, accumulator, progress)
+            _merge_finished(pending, accumulator, merging, progress)
     return accumulator.result()
 
 
-def _merge_finished(pending: dict, accumulator: SearchAccumulator, progress) -> None:
+def _merge_finished(pending: dict, accumulator: SearchAccumulator, merging: threading.Lock, progress) -> None:
     done, _ = wait(pending, return_when=FIRST_COMPLETED)
     for future in done:
-        accumulator.add(future.result(), *pending.pop(future))
+        result = future.result()
+        with merging:
+            accumulator.add(result, *pending.pop(future))
         if progress is not None:
             progress.update(1)
 

@@ -44,16 +44,73 @@ def test_blocked_search_equals_brute_force_with_ties_to_lowest_index(n, m, block
     assert np.array_equal(found.col_scores.numpy(), scores.max(axis=0).astype(np.float32))
 
 
-def test_blocked_search_matches_float64_on_continuous_embeddings():
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, 48, generator=generator), torch.randn(1000, 48, generator=generator)
-    scores, top, best_rows = brute_force(a, b, k=4)
+def near_duplicates(n: int, m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian A and B where half of B are copies of A rows plus noise of 3e-3 and each copy has a twin with
+    another 3e-3: their correlations with the A row (about 1 - 5e-6 and 1 - 1e-5) are one value in bfloat16 (8
+    bits), two in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=generator)
+    copies = a[torch.randint(0, n, (m // 4,), generator=generator)] + 3e-3 * torch.randn(m // 4, d, generator=generator)
+    twins = copies + 3e-3 * torch.randn(m // 4, d, generator=generator)
+    b = torch.cat([copies, twins, torch.randn(m - 2 * (m // 4), d, generator=generator)])
+    return a, b[torch.randperm(m, generator=generator)]
 
-    found = kernel.search(a, b, k=4, block_rows=299)
+
+@pytest.mark.parametrize("screen", kernel.SCREENS)
+@pytest.mark.parametrize("d, block_rows", [(48, 299), (300, 128)])
+def test_every_screen_reports_the_float64_scores_rounded_once(screen, d, block_rows):
+    a, b = near_duplicates(300, 1000, d, seed=d)
+    scores = brute_force(a, b, k=1)[0].astype(np.float32)  # float64, rounded once; ties in float32: lowest index
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :4]
+
+    found = kernel.search(a, b, k=4, block_rows=block_rows, screen=screen)
 
     assert np.array_equal(found.row_indices.numpy(), top)
-    assert np.array_equal(found.col_indices.numpy(), best_rows)
-    assert np.abs(found.row_scores.numpy() - np.take_along_axis(scores, top, 1)).max() < 1e-6
+    assert np.array_equal(found.col_indices.numpy(), scores.argmax(axis=0))
+    assert np.array_equal(found.row_scores.numpy(), np.take_along_axis(scores, top, 1))
+    assert np.array_equal(found.col_scores.numpy(), scores.max(axis=0))
+
+
+@pytest.mark.parametrize("screen", kernel.SCREENS)
+@pytest.mark.parametrize("d, offset", [(16, 0.0), (128, 0.0), (700, 0.0), (128, 30.0)])
+def test_screen_scores_stay_within_their_bound_for_every_pair(screen, d, offset):
+    """The bound the screen's candidate thresholds rest on, checked on every pair of a tile on this machine's BLAS
+    (offset: embeddings far from zero mean, whose standardized rows round differently)."""
+    generator = torch.Generator().manual_seed(d)
+    a = kernel.prepare_block(torch.randn(257, d, generator=generator) + offset, screen)
+    b = kernel.prepare_block(torch.randn(300, d, generator=generator).pow(3) + offset, screen)
+    bound = kernel.ScreenBound.for_tile(a, b)
+
+    screen_scores = torch.mm(a.screen, b.screen.T).float()
+    exact = a.exact @ b.exact.T
+
+    assert bool(((bound.low(screen_scores) <= exact) & (exact <= bound.high(screen_scores))).all())
+
+
+def test_a_screen_score_outside_its_bound_is_an_error():
+    a = kernel.prepare_block(torch.randn(20, 64, generator=torch.Generator().manual_seed(1)), "bfloat16")
+    rows, cols = torch.arange(20), torch.arange(20)
+    screen_scores = (a.screen[rows].float() * a.screen[cols].float()).sum(dim=1) - 0.05
+    too_tight = kernel.ScreenBound(inner=1e-3, output=0.0)
+
+    with pytest.raises(RuntimeError, match="beyond its bound"):
+        kernel.rescore(a, a, rows, cols, screen_scores, too_tight)
+
+
+def test_a_tile_skips_what_other_tiles_already_beat_and_the_merge_is_unchanged():
+    a, b = torch.randn(40, 16), torch.randn(50, 16)
+    a_block, b_block = kernel.prepare_block(a), kernel.prepare_block(b)
+    first = kernel.search_tile(a_block, b_block, a_offset=0, b_offset=0, k=3)
+    accumulator = kernel.SearchAccumulator(40, 50, 3)
+    accumulator.add(first, 0, 0)
+
+    again = kernel.search_tile(a_block, b_block, a_offset=0, b_offset=0, k=3,
+                               row_floor=torch.full((40,), 2.0), column_floor=torch.full((50,), 2.0))
+    accumulator.add(again, 0, 0)
+
+    assert bool((again.row_scores == -torch.inf).all()) and bool((again.col_indices == kernel.PADDING_INDEX).all())
+    merged = accumulator.result()
+    assert torch.equal(merged.row_indices, first.row_indices) and torch.equal(merged.col_indices, first.col_indices)
 
 
 def test_k_larger_than_the_reference_set_keeps_every_reference_row():
@@ -88,7 +145,7 @@ def test_tiles_merged_in_any_order_give_the_same_result():
     a, b = torch.randn(70, 16), torch.randn(90, 16)
     blocks = 20
     tiles = [
-        (kernel.search_tile(kernel.standardize(a[i : i + blocks]), kernel.standardize(b[j : j + blocks]),
+        (kernel.search_tile(kernel.prepare_block(a[i : i + blocks]), kernel.prepare_block(b[j : j + blocks]),
                             a_offset=i, b_offset=j, k=3, top_pairs=10, band=1e-3), i, j)
         for i, j in kernel.tile_grid(70, 90, blocks)
     ]
