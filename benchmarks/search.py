@@ -4,8 +4,9 @@ Figures (printed as a markdown table, and as JSON with --out):
 
 1. kernel: pairs/s of raymem.search.kernel.search (top-k of every A row AND best A row of every B row) against
    faiss-cpu IndexFlatIP top-k (one direction only) on the same centred, L2-normalised float32 embeddings, same
-   run; the fraction of rows whose top-1 index agrees, and how many of the rows that differ are exact ties or
-   float32 near-ties (float64 scores of the two candidates within 1e-6);
+   run; raymem with each screen (kernel.SCREENS: int8, bfloat16, float32; the results are bitwise the same) and
+   which one kernel.default_screen picks; the fraction of rows whose top-1 index agrees with faiss, and how many of
+   the rows that differ are exact ties or float32 near-ties (float64 scores of the two candidates within 1e-6);
 2. fraction of peak: the same pairs/s against plain float32 torch.mm over the same tile grid (block x block
    products into a preallocated buffer, both directions' worth of work being one product);
 3. distributed: raymem.search.distributed on a local Ray cluster against the single-process kernel;
@@ -72,23 +73,29 @@ def kernel_figures(n: int, d: int, block_rows: int, repeats: int) -> dict:
     a_std, b_std = kernel.standardize(torch.from_numpy(a)), kernel.standardize(torch.from_numpy(b))
     index = faiss.IndexFlatIP(d)
     index.add(b_std.numpy())
-    runs = {
-        "raymem": lambda: kernel.search(a_std, b_std, k=TOP_K, block_rows=block_rows),
-        "faiss": lambda: index.search(a_std.numpy(), TOP_K),
-        "matmul": lambda: tiled_matmul(a_std, b_std, block_rows),
-    }
+    def raymem(screen):
+        return lambda: kernel.search(a_std, b_std, k=TOP_K, block_rows=block_rows, screen=screen)
+
+    runs = {**{screen: raymem(screen) for screen in kernel.SCREENS},
+            "faiss": lambda: index.search(a_std.numpy(), TOP_K),
+            "matmul": lambda: tiled_matmul(a_std, b_std, block_rows)}
     seconds = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             seconds[name] = min(seconds[name], best_time(run, 1))
-    ours = kernel.search(a_std, b_std, k=TOP_K, block_rows=block_rows).row_indices[:, 0].numpy()
+    found = {screen: raymem(screen)() for screen in kernel.SCREENS}
+    default = kernel.default_screen(d)
+    ours = found[default].row_indices[:, 0].numpy()
     theirs = index.search(a_std.numpy(), TOP_K)[1][:, 0]
     pairs = n * n
     return {
-        "n": n, "m": n, "d": d, "k": TOP_K, "block_rows": block_rows,
+        "n": n, "m": n, "d": d, "k": TOP_K, "block_rows": block_rows, "default_screen": default,
         **{f"{name}_pairs_per_s": pairs / s for name, s in seconds.items()},
-        "vs_faiss": seconds["faiss"] / seconds["raymem"],
-        "fraction_of_matmul": seconds["matmul"] / seconds["raymem"],
+        **{f"{screen}_vs_faiss": seconds["faiss"] / seconds[screen] for screen in kernel.SCREENS},
+        "vs_faiss": seconds["faiss"] / seconds[default],
+        "fraction_of_matmul": seconds["matmul"] / seconds[default],
+        "screens_identical": all(torch.equal(getattr(found[default], field), getattr(result, field))
+                                 for result in found.values() for field in kernel.SearchResult.__dataclass_fields__),
         **top1_agreement(a_std.numpy(), b_std.numpy(), ours, theirs),
     }
 
@@ -133,13 +140,17 @@ def memory_figures(n: int, d: int, block_rows: int) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", ""]
-    lines += ["| d | n = m | raymem pairs/s | faiss IndexFlatIP pairs/s | raymem / faiss | float32 mm pairs/s | "
-              "raymem / mm | top-1 identical | differing rows (of which ties within 1e-6) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| d | n = m | raymem pairs/s (default screen) | faiss IndexFlatIP pairs/s | raymem / faiss | "
+              "int8 / bfloat16 / float32 screen vs faiss | float32 mm pairs/s | raymem / mm | screens bitwise equal "
+              "| top-1 identical | differing rows (of which ties within 1e-6) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["kernel"]:
-        lines.append(f"| {row['d']} | {row['n']:,} | {row['raymem_pairs_per_s']:.3g} | {row['faiss_pairs_per_s']:.3g} "
-                     f"| {row['vs_faiss']:.2f}x | {row['matmul_pairs_per_s']:.3g} | {row['fraction_of_matmul']:.0%} "
-                     f"| {row['top1_identical']:.4%} | {row['rows_differing']} ({row['differing_within_1e-6']}) |")
+        by_screen = " / ".join(f"{row[f'{screen}_vs_faiss']:.2f}x" for screen in kernel.SCREENS)
+        lines.append(f"| {row['d']} | {row['n']:,} | {row[row['default_screen'] + '_pairs_per_s']:.3g} "
+                     f"({row['default_screen']}) | {row['faiss_pairs_per_s']:.3g} | **{row['vs_faiss']:.2f}x** "
+                     f"| {by_screen} | {row['matmul_pairs_per_s']:.3g} | {row['fraction_of_matmul']:.0%} "
+                     f"| {row['screens_identical']} | {row['top1_identical']:.4%} "
+                     f"| {row['rows_differing']} ({row['differing_within_1e-6']}) |")
     row = results["distributed"]
     lines += ["", "| distributed (local Ray) | n = m | d | single-process pairs/s | Ray pairs/s | efficiency |",
               "|---|---|---|---|---|---|",
@@ -149,7 +160,8 @@ def markdown(results: dict) -> str:
     lines += ["", "| peak memory | n = m | d | seconds | pairs/s | peak RSS | embeddings | n x m scores (not held) |",
               "|---|---|---|---|---|---|---|---|",
               f"| kernel.search | {row['n']:,} | {row['d']} | {row['seconds']:.1f} | {row['pairs_per_s']:.3g} | "
-              f"{row['peak_rss_mib']:.0f} MiB | {row['embeddings_mib']:.0f} MiB | {row['score_matrix_mib_avoided']:,.0f} MiB |"]
+              f"{row['peak_rss_mib']:.0f} MiB | {row['embeddings_mib']:.0f} MiB | "
+              f"{row['score_matrix_mib_avoided']:,.0f} MiB |"]
     return "\n".join(lines)
 
 

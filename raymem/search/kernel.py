@@ -48,7 +48,8 @@ COLUMN_CHUNK = 64  # columns per chunk maximum (rows' top-k): a row's candidates
 ROW_CHUNK = 16  # rows per chunk maximum (columns' best)
 STRIP_SCORES = 1 << 21  # scores per strip buffer: 8 MiB of float32 stays in this CPU's caches
 RESCORE_PAIRS = 8192  # candidate pairs recomputed in float64 at a time (bounds the gathered rows' memory)
-SCREENS = ("bfloat16", "float32")
+SCREENS = ("int8", "bfloat16", "float32")
+INT8_MAX_DIM = 160  # default_screen; docs/benchmarks.md: int8 is faster at d = 128 on the dev box, bf16 at 256
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 _FLOAT64_NOISE = 1e-9  # float64 standardization and dot products of unit rows, d << 1e6: errors below 1e-12
 _REPORT_SLACK = 1e-6  # screen thresholds sit this far lower: float32 rounding of thresholds and reported scores
@@ -93,56 +94,73 @@ def order_key(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return ((-_monotone_bits(scores)) << 32) | indices
 
 
-def default_screen(device: torch.device | str = "cpu") -> str:
-    """bfloat16 on a CPU with bfloat16 dot products (AVX512-BF16 or AMX), float32 elsewhere (other CPUs would
-    emulate bfloat16 slower than float32; CUDA tiles are float32 here, raymem.search.gpu has the fused kernel)."""
+def default_screen(dim: int, device: torch.device | str = "cpu") -> str:
+    """The fastest screen for embeddings of dimension ``dim`` on this device.
+
+    On a CPU with 8-bit integer dot products (AVX512-VNNI, AVX-VNNI or AMX) int8 up to INT8_MAX_DIM: its GEMM runs
+    at about 2x bfloat16 and 4x float32, but its rounding error (about 0.012 in score, whatever d) is wide against
+    the spread of scores (about 1 / sqrt(d)) at large d, and the extra candidates then cost more than the GEMM
+    saves. Beyond that, or without VNNI, bfloat16 with bfloat16 dot products (AVX512-BF16, AMX); float32
+    elsewhere (CUDA tiles too: raymem.search.gpu has the fused CUDA kernel).
+    """
     if torch.device(device).type != "cpu":
         return "float32"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+            flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
     except OSError:
         return "float32"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    if dim <= INT8_MAX_DIM and {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
+        return "int8"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
 
 
 @dataclass(frozen=True)
 class Block:
     """Rows ready for ``search_tile``: exact (r, d) float64 standardized rows; screen (r, d) the same rounded to
-    the screen dtype; rounding: the largest L2 norm of a row's rounding error, ||screen_i - exact_i||."""
+    the screen dtype, as multiples of ``scale`` (int8: one scale for the block; 1.0 for float screens);
+    rounding: the largest L2 norm of a row's rounding error, ||scale * screen_i - exact_i||."""
 
     exact: torch.Tensor
     screen: torch.Tensor
+    scale: float
     rounding: float
 
 
 def prepare_block(embeddings: torch.Tensor, screen: str | None = None) -> Block:
-    """Standardize raw embeddings (r, d) for the search and round them to the screen dtype (``SCREENS``; None:
-    ``default_screen`` of their device)."""
-    screen = screen or default_screen(embeddings.device)
+    """Standardize raw embeddings (r, d) for the search and round them for the screen (``SCREENS``; None:
+    ``default_screen`` of their device). int8 rounds to multiples of the block's largest magnitude / 127."""
+    screen = screen or default_screen(embeddings.shape[1], embeddings.device)
     if screen not in SCREENS:
         raise ValueError(f"screen {screen!r} is not one of {SCREENS}")
     exact = standardize(embeddings, torch.float64)
-    rounded = exact.to(getattr(torch, screen))
-    error = torch.linalg.vector_norm(rounded.to(torch.float64) - exact, dim=1)
-    return Block(exact=exact, screen=rounded, rounding=float(error.max()) if len(error) else 0.0)
+    if screen == "int8":
+        scale = float(exact.abs().max()) / 127 if exact.numel() else 1.0
+        rounded = torch.round(exact / scale).clamp(-127, 127).to(torch.int8)
+    else:
+        scale, rounded = 1.0, exact.to(getattr(torch, screen))
+    error = torch.linalg.vector_norm(rounded.to(torch.float64) * scale - exact, dim=1)
+    return Block(exact=exact, screen=rounded, scale=scale, rounding=float(error.max()) if len(error) else 0.0)
 
 
 @dataclass(frozen=True)
 class ScreenBound:
-    """How far a tile's screen score x can be from the exact score t of the same pair.
+    """How far a tile's screen score can be from the exact score t of the same pair.
 
-    The GEMM computes y with |y - t| <= inner and, for a bfloat16 result, rounds it once: x = y (1 + e) with
-    |e| <= output (0 for a float32 result). ``low`` and ``high`` bound t given x; ``reach`` is the smallest x whose
-    t can reach a level.
+    A strip holds values v (int32 counts for int8, float32 otherwise) whose score estimate is x = scale * v. The
+    GEMM computes y with |y - t| <= inner and, for a bfloat16 result, rounds it once: x = y (1 + e) with
+    |e| <= output (0 for float32 and int32 results). ``low`` and ``high`` bound t given v; ``reach`` is the
+    smallest v whose t can reach a level.
     """
 
     inner: float
     output: float
+    scale: float
+    dtype: torch.dtype
 
     @classmethod
     def for_tile(cls, a: Block, b: Block) -> ScreenBound:
-        """The bound of a.screen @ b.screen.T, float32 accumulation over d terms.
+        """The bound of a.screen @ b.screen.T (int8: exact int32 sums; float: float32 accumulation over d terms).
 
         Rows are unit vectors rounded with errors e_a, e_b (||e|| <= a.rounding, b.rounding): by Cauchy-Schwarz
         |a'.b' - a.b| <= ||e_a|| + ||a'|| ||e_b||, and summing d products in float32 adds at most
@@ -151,30 +169,42 @@ class ScreenBound:
         than "highest": TF32 or bfloat16 passes) is bounded as if it rounded them to bfloat16.
         """
         d = a.exact.shape[1]
-        gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
         norm_a, norm_b = 1 + a.rounding, 1 + b.rounding
-        inner = a.rounding + norm_a * b.rounding + gamma * norm_a * norm_b + _FLOAT64_NOISE
+        inner = a.rounding + norm_a * b.rounding + _FLOAT64_NOISE
+        if a.screen.dtype == torch.int8:
+            assert d * 127**2 < 2**31, d  # int32 sums of int8 products stay exact
+            return cls(inner=inner, output=0.0, scale=a.scale * b.scale, dtype=torch.int32)
+        inner += d * 2.0**-24 / (1 - d * 2.0**-24) * norm_a * norm_b
         if a.screen.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
             inner += (2 * 2.0**-8 + 2.0**-16) * norm_a * norm_b
         output = _UNIT_ROUNDOFF[a.screen.dtype] if a.screen.dtype != torch.float32 else 0.0
-        return cls(inner=inner, output=output)
+        return cls(inner=inner, output=output, scale=1.0, dtype=torch.float32)
 
-    def low(self, screen_scores: torch.Tensor) -> torch.Tensor:
-        """A lower bound (float64) of the exact scores of entries with these screen scores."""
-        x = screen_scores.to(torch.float64)
+    @property
+    def lowest(self) -> float | int:
+        """A value below every screen value: the start of running maxima, the threshold of no floor."""
+        return torch.iinfo(self.dtype).min if self.dtype == torch.int32 else -torch.inf
+
+    def low(self, values: torch.Tensor) -> torch.Tensor:
+        """A lower bound (float64) of the exact scores of entries with these screen values."""
+        x = values.to(torch.float64) * self.scale
         return torch.where(x >= 0, x / (1 + self.output), x / (1 - self.output)) - self.inner
 
-    def high(self, screen_scores: torch.Tensor) -> torch.Tensor:
-        """An upper bound (float64) of the exact scores of entries with these screen scores."""
-        x = screen_scores.to(torch.float64)
+    def high(self, values: torch.Tensor) -> torch.Tensor:
+        """An upper bound (float64) of the exact scores of entries with these screen values."""
+        x = values.to(torch.float64) * self.scale
         return torch.where(x >= 0, x / (1 - self.output), x / (1 + self.output)) + self.inner
 
     def reach(self, level: torch.Tensor) -> torch.Tensor:
-        """float32 thresholds: every entry whose exact score is >= level (float64), or whose reported float32
-        score can tie with such an entry's, has a screen score >= the threshold (``high`` inverted, lowered by
-        _REPORT_SLACK)."""
+        """Thresholds in the strip's dtype: every entry whose exact score is >= level (float64), or whose reported
+        float32 score can tie with such an entry's, has a screen value >= the threshold (``high`` inverted,
+        lowered by _REPORT_SLACK, rounded down)."""
         z = level - _REPORT_SLACK - self.inner
-        return torch.where(z >= 0, z * (1 - self.output), z * (1 + self.output)).to(torch.float32)
+        x = torch.where(z >= 0, z * (1 - self.output), z * (1 + self.output))
+        if self.dtype == torch.float32:
+            return x.to(torch.float32)
+        limits = torch.iinfo(torch.int32)
+        return torch.floor(x / self.scale).clamp(limits.min, limits.max).to(torch.int32)
 
 
 def rescore(a: Block, b: Block, rows: torch.Tensor, cols: torch.Tensor, screen_scores: torch.Tensor,
@@ -197,7 +227,7 @@ def rescore(a: Block, b: Block, rows: torch.Tensor, cols: torch.Tensor, screen_s
     exact = torch.sparse.sampled_addmm(pattern, a.exact, b.exact.T).values()
     outside = (exact < bound.low(screen_scores)) | (exact > bound.high(screen_scores))
     if outside.any():
-        worst = float((exact - screen_scores.to(torch.float64)).abs().max())
+        worst = float((exact - screen_scores.to(torch.float64) * bound.scale).abs().max())
         raise RuntimeError(
             f"the {a.screen.dtype} screen GEMM erred by {worst:.3g}, beyond its bound (inner {bound.inner:.3g}, "
             f"output {bound.output:.3g}); this BLAS does not accumulate as assumed: search with screen='float32'"
@@ -362,10 +392,12 @@ def make_workspace(b_rows: int, device: torch.device | str = "cpu") -> Workspace
                      product=torch.empty(size, dtype=torch.bfloat16, device=device))
 
 
-def _screen_scores(a_strip: torch.Tensor, b_transposed: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-    """The strip's screen scores (r, w) as float32, in the workspace."""
+def screen_values(a_strip: torch.Tensor, b_transposed: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """The strip's screen values (r, w) in the workspace: int32 for an int8 screen, float32 otherwise."""
     shape = (a_strip.shape[0], b_transposed.shape[1])
     scores = workspace.scores[: shape[0] * shape[1]].view(shape)
+    if a_strip.dtype == torch.int8:
+        return torch._int_mm(a_strip, b_transposed, out=scores.view(torch.int32))
     if a_strip.dtype == torch.float32:
         return torch.mm(a_strip, b_transposed, out=scores)
     product = workspace.product[: shape[0] * shape[1]].view(shape)
@@ -416,13 +448,13 @@ def search_tile(
     b_transposed = b.screen.T
     n_chunks = n_b // COLUMN_CHUNK
     row_parts, column_parts, pair_parts = [], [], []
-    column_max = torch.full((n_b,), -torch.inf, device=device)
+    column_max = torch.full((n_b,), bound.lowest, dtype=bound.dtype, device=device)
     pair_level = torch.tensor(-torch.inf, dtype=torch.float64, device=device)
-    no_floor = torch.tensor(-torch.inf, device=device)
+    no_floor = torch.tensor(bound.lowest, dtype=bound.dtype, device=device)
     row_floor = no_floor.expand(n_a) if row_floor is None else bound.reach(row_floor.to(torch.float64))
     column_floor = no_floor.expand(n_b) if column_floor is None else bound.reach(column_floor.to(torch.float64))
     for start in range(0, n_a, strip_rows):
-        strip = _screen_scores(a.screen[start : start + strip_rows], b_transposed, workspace)
+        strip = screen_values(a.screen[start : start + strip_rows], b_transposed, workspace)
         chunk_max = strip[:, : n_chunks * COLUMN_CHUNK].view(len(strip), n_chunks, COLUMN_CHUNK).amax(dim=2)
         rows, cols, scores = _row_candidates(strip, chunk_max, k, bound, row_floor[start : start + len(strip)])
         row_parts.append((rows + start, cols, scores))
@@ -581,7 +613,7 @@ def search(
     threads = torch.get_num_threads()
     n_tiles = -(-a.shape[0] // block_rows) * -(-b.shape[0] // block_rows)
     workers = 1 if device.type == "cuda" else min(workers or threads, n_tiles)
-    screen = screen or default_screen(device)
+    screen = screen or default_screen(a.shape[1], device)
     a_blocks = [prepare_block(a[start : start + block_rows], screen) for start in range(0, a.shape[0], block_rows)]
     b_blocks = [prepare_block(b[start : start + block_rows], screen) for start in range(0, b.shape[0], block_rows)]
     accumulator = SearchAccumulator(a.shape[0], b.shape[0], k, top_pairs=top_pairs, band=band, device=device)

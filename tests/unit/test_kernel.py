@@ -81,17 +81,17 @@ def test_screen_scores_stay_within_their_bound_for_every_pair(screen, d, offset)
     b = kernel.prepare_block(torch.randn(300, d, generator=generator).pow(3) + offset, screen)
     bound = kernel.ScreenBound.for_tile(a, b)
 
-    screen_scores = torch.mm(a.screen, b.screen.T).float()
+    values = kernel.screen_values(a.screen, b.screen.T, kernel.make_workspace(300))
     exact = a.exact @ b.exact.T
 
-    assert bool(((bound.low(screen_scores) <= exact) & (exact <= bound.high(screen_scores))).all())
+    assert bool(((bound.low(values) <= exact) & (exact <= bound.high(values))).all())
 
 
 def test_a_screen_score_outside_its_bound_is_an_error():
     a = kernel.prepare_block(torch.randn(20, 64, generator=torch.Generator().manual_seed(1)), "bfloat16")
     rows, cols = torch.arange(20), torch.arange(20)
     screen_scores = (a.screen[rows].float() * a.screen[cols].float()).sum(dim=1) - 0.05
-    too_tight = kernel.ScreenBound(inner=1e-3, output=0.0)
+    too_tight = kernel.ScreenBound(inner=1e-3, output=0.0, scale=1.0, dtype=torch.float32)
 
     with pytest.raises(RuntimeError, match="beyond its bound"):
         kernel.rescore(a, a, rows, cols, screen_scores, too_tight)
