@@ -47,10 +47,9 @@ import torch
 COLUMN_CHUNK = 64  # columns per chunk maximum (rows' top-k): a row's candidates are chunks that reach its bound
 ROW_CHUNK = 16  # rows per chunk maximum (columns' best)
 STRIP_SCORES = 1 << 21  # scores per strip buffer: 8 MiB of float32 stays in this CPU's caches
-RESCORE_PAIRS = 8192  # candidate pairs recomputed in float64 at a time (bounds the gathered rows' memory)
 SCREENS = ("int8", "bfloat16", "float32")
 INT8_MAX_DIM = 160  # default_screen; docs/benchmarks.md: int8 is faster at d = 128 on the dev box, bf16 at 256
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+_BFLOAT16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FLOAT64_NOISE = 1e-9  # float64 standardization and dot products of unit rows, d << 1e6: errors below 1e-12
 _REPORT_SLACK = 1e-6  # screen thresholds sit this far lower: float32 rounding of thresholds and reported scores
 _INT32_MAGNITUDE = 0x7FFFFFFF
@@ -177,7 +176,7 @@ class ScreenBound:
         inner += d * 2.0**-24 / (1 - d * 2.0**-24) * norm_a * norm_b
         if a.screen.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
             inner += (2 * 2.0**-8 + 2.0**-16) * norm_a * norm_b
-        output = _UNIT_ROUNDOFF[a.screen.dtype] if a.screen.dtype != torch.float32 else 0.0
+        output = _BFLOAT16_ROUNDOFF if a.screen.dtype == torch.bfloat16 else 0.0
         return cls(inner=inner, output=output, scale=1.0, dtype=torch.float32)
 
     @property
