@@ -12,13 +12,15 @@ of two standardized rows. Every reported score is that dot product computed in f
 the results do not depend on the BLAS, the tile grid or the screen below. Ties go to the lowest index, exactly:
 selections sort int64 keys that pack a float32 score and an index (``order_key``).
 
-Screen and recheck. A tile's scores are first computed by one GEMM of the rows rounded to a screen dtype
-(bfloat16 where the CPU has bfloat16 dot products: about 2.4x the float32 GEMM rate on such CPUs; float32
-elsewhere). ``ScreenBound`` bounds the screen's error from below and above for that tile: the measured rounding of
-the rows, the GEMM's float32 accumulation and, for a bfloat16 result, its rounding. The reductions run on the
-screen scores with every threshold lowered by that bound, so they keep a few more entries than they need and
-never one fewer; those candidates are then recomputed in float64 and the exact selection is made among them. A
-candidate whose screen score falls outside its bound (a GEMM that does not accumulate as assumed) raises.
+Screen and recheck. A tile's scores are first computed by one GEMM of the rows rounded for a screen
+(``SCREENS``; ``default_screen``: int8 with exact int32 sums up to INT8_MAX_DIM on CPUs with 8-bit dot products,
+about 4x the float32 GEMM rate; bfloat16, about 2.4x, above that; float32 elsewhere). ``ScreenBound`` bounds the
+screen's error from below and above for that tile: the measured rounding of the rows, the GEMM's float32
+accumulation and, for a bfloat16 result, its rounding. The reductions run on the screen values with every
+threshold lowered by that bound, so they keep a few more entries than they need and never one fewer; those
+candidates are then recomputed in float64 and the exact selection is made among them. A candidate whose screen
+value falls outside its bound (a GEMM that does not accumulate as assumed) raises. Tiles also skip entries below
+what merged tiles already found (``search_tile``'s floors).
 
 The work is split on a fixed grid of tiles: A rows and B rows in blocks of ``block_rows``. ``search_tile`` is
 the one function that turns a tile into partial results, and ``SearchAccumulator`` merges partial results in any
