@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raymem.search import native
+
 COLUMN_CHUNK = 64  # columns per chunk maximum (rows' top-k): a row's candidates are chunks that reach its bound
 ROW_CHUNK = 16  # rows per chunk maximum (columns' best)
 STRIP_SCORES = 1 << 21  # scores per strip buffer: 8 MiB of float32 stays in this CPU's caches
@@ -209,9 +211,9 @@ class ScreenBound:
 
 
 def rescore(a: Block, b: Block, rows: torch.Tensor, cols: torch.Tensor, screen_scores: torch.Tensor,
-            bound: ScreenBound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            bound: ScreenBound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact scores of distinct candidate pairs (t,) (local rows of a, local rows of b): float64 dot products
-    rounded once to float32. Returns (rows, cols, scores) ordered by (row, col).
+    rounded once to float32. Returns (rows, cols, screen_scores, scores), all ordered by (row, col).
 
     A sampled dense-dense product (``torch.sparse.sampled_addmm``) computes just these dot products, reading the
     rows in place: gathering t rows of d float64s for an element-wise product costs some 30 times more. Raises if
@@ -233,7 +235,7 @@ def rescore(a: Block, b: Block, rows: torch.Tensor, cols: torch.Tensor, screen_s
             f"the {a.screen.dtype} screen GEMM erred by {worst:.3g}, beyond its bound (inner {bound.inner:.3g}, "
             f"output {bound.output:.3g}); this BLAS does not accumulate as assumed: search with screen='float32'"
         )
-    return rows, cols, exact.to(torch.float32)
+    return rows, cols, screen_scores, exact.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -316,17 +318,17 @@ def _entries_at_least(strip: torch.Tensor, chunk_max: torch.Tensor, bound: torch
 
 def _row_candidates(strip: torch.Tensor, chunk_max: torch.Tensor, k: int, bound: ScreenBound, floor: torch.Tensor):
     """Entries of a strip (r, w) of screen scores that include every row's exact top-k (k <= w) among the
-    entries that reach ``floor`` (r,) (screen thresholds from other tiles), as local (rows, cols, screen scores).
+    entries that reach ``floor`` (r,) (screen thresholds from other tiles), as local (rows, cols, screen scores),
+    and the rows' thresholds (r,).
 
     A row's screen bound is the k-th largest of its chunk maxima: k distinct entries reach it, so the row's k-th
     best exact score is at least ``bound.low`` of it, and only entries that can reach that are kept (a few more
     than k per row).
     """
-    n_rows, n_chunks = chunk_max.shape
-    if n_chunks < k:
-        return _entries_at_least(strip, chunk_max, floor)
-    kth = torch.topk(chunk_max, k, dim=1, sorted=False).values.amin(dim=1)
-    return _entries_at_least(strip, chunk_max, torch.maximum(bound.reach(bound.low(kth)), floor))
+    if chunk_max.shape[1] >= k:
+        kth = torch.topk(chunk_max, k, dim=1, sorted=False).values.amin(dim=1)
+        floor = torch.maximum(bound.reach(bound.low(kth)), floor)
+    return _entries_at_least(strip, chunk_max, floor), floor
 
 
 def _column_candidates(strip: torch.Tensor, column_max: torch.Tensor, bound: ScreenBound, floor: torch.Tensor):
@@ -358,6 +360,25 @@ def _column_candidates(strip: torch.Tensor, column_max: torch.Tensor, bound: Scr
         torch.cat([cols, tail_cols]),
         torch.cat([scores, tail[tail_rows, tail_cols]]),
     )
+
+
+def _strip_candidates(strip: torch.Tensor, k: int, bound: ScreenBound, row_floor: torch.Tensor,
+                      column_max: torch.Tensor, column_floor: torch.Tensor, use_native: bool):
+    """Distinct entries of a strip (r, w) that can be a row's top-k or a column's best, as local (rows, cols, screen
+    values), the rows' thresholds (r,), the chunk maxima (r, w // COLUMN_CHUNK) and the columns' running maxima (w,)
+    updated with this strip. ``use_native``: the fused C reduction (raymem.search.native; contiguous CPU strips),
+    otherwise the same steps as torch operations (``_row_candidates``, ``_column_candidates``)."""
+    if use_native:
+        candidates, row_threshold, chunk_max = native.reduce_strip(
+            native.load(), strip, k, COLUMN_CHUNK, row_floor, column_max, column_floor, bound, _REPORT_SLACK)
+        return candidates, row_threshold, chunk_max, column_max
+    n_chunks = strip.shape[1] // COLUMN_CHUNK
+    chunk_max = strip[:, : n_chunks * COLUMN_CHUNK].view(len(strip), n_chunks, COLUMN_CHUNK).amax(dim=2)
+    (rows, cols, _), row_threshold = _row_candidates(strip, chunk_max, k, bound, row_floor)
+    column_max, (more_rows, more_cols, _) = _column_candidates(strip, column_max, bound, column_floor)
+    pairs = torch.unique(torch.cat([rows, more_rows]) * strip.shape[1] + torch.cat([cols, more_cols]))
+    rows, cols = pairs // strip.shape[1], pairs % strip.shape[1]
+    return (rows, cols, strip[rows, cols]), row_threshold, chunk_max, column_max
 
 
 def _pair_candidates(strip: torch.Tensor, chunk_max: torch.Tensor, count: int, band: float, bound: ScreenBound,
@@ -427,6 +448,7 @@ def search_tile(
     row_floor: torch.Tensor | None = None,
     column_floor: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    native_reductions: bool = True,
 ) -> SearchResult:
     """One tile of the search: blocks a (a rows) and b (b rows) from ``prepare_block`` with the same screen dtype,
     their first global row numbers a_offset and b_offset.
@@ -439,6 +461,9 @@ def search_tile(
     and each B row's best (``SearchAccumulator.floors``; -inf: none yet). Entries below a floor cannot change the
     merged result, so they are skipped; a row or column left without enough entries is padded with score -inf
     and index PADDING_INDEX.
+
+    native_reductions: reduce each strip with the fused C loop (raymem.search.native) where it is built and the
+    tile is on the CPU; False takes the torch operations, which give the same result.
     """
     device = a.screen.device
     n_a, n_b = a.screen.shape[0], b.screen.shape[0]
@@ -447,8 +472,8 @@ def search_tile(
     strip_rows = max(1, STRIP_SCORES // n_b)
     workspace = workspace or make_workspace(n_b, device)
     b_transposed = b.screen.T
-    n_chunks = n_b // COLUMN_CHUNK
-    row_parts, column_parts, pair_parts = [], [], []
+    use_native = native_reductions and device.type == "cpu" and k <= native.MAX_K and native.load() is not None
+    candidate_parts, row_thresholds, pair_parts = [], [], []
     column_max = torch.full((n_b,), bound.lowest, dtype=bound.dtype, device=device)
     pair_level = torch.tensor(-torch.inf, dtype=torch.float64, device=device)
     no_floor = torch.tensor(bound.lowest, dtype=bound.dtype, device=device)
@@ -456,27 +481,24 @@ def search_tile(
     column_floor = no_floor.expand(n_b) if column_floor is None else bound.reach(column_floor.to(torch.float64))
     for start in range(0, n_a, strip_rows):
         strip = screen_values(a.screen[start : start + strip_rows], b_transposed, workspace)
-        chunk_max = strip[:, : n_chunks * COLUMN_CHUNK].view(len(strip), n_chunks, COLUMN_CHUNK).amax(dim=2)
-        rows, cols, scores = _row_candidates(strip, chunk_max, k, bound, row_floor[start : start + len(strip)])
-        row_parts.append((rows + start, cols, scores))
-        column_max, (rows, cols, scores) = _column_candidates(strip, column_max, bound, column_floor)
-        column_parts.append((rows + start, cols, scores))
+        (rows, cols, values), row_threshold, chunk_max, column_max = _strip_candidates(
+            strip, k, bound, row_floor[start : start + len(strip)], column_max, column_floor, use_native)
+        candidate_parts.append((rows + start, cols, values))
+        row_thresholds.append(row_threshold)
         if top_pairs > 0:
-            pair_level, (rows, cols, scores) = _pair_candidates(strip, chunk_max, top_pairs, band, bound, pair_level)
-            pair_parts.append((rows + start, cols, scores))
+            pair_level, (rows, cols, values) = _pair_candidates(strip, chunk_max, top_pairs, band, bound, pair_level)
+            pair_parts.append((rows + start, cols, values))
 
-    rows, cols, scores = rescore(a, b, *_concat(row_parts, device), bound)
-    row_scores, row_cols = _select_per_row(rows, cols, scores, n_a, k)
-
-    rows, cols, scores = _concat(column_parts, device)
-    # earlier strips kept entries for the lower maximum they knew
-    final = scores >= torch.maximum(bound.reach(bound.low(column_max)), column_floor)[cols]
-    rows, cols, scores = rescore(a, b, rows[final], cols[final], scores[final], bound)
-    col_scores, col_rows = _select_per_row(cols, rows, scores, n_b, 1)
+    rows, cols, values, scores = rescore(a, b, *_concat(candidate_parts, device), bound)
+    is_row = values >= torch.cat(row_thresholds)[rows]
+    row_scores, row_cols = _select_per_row(rows[is_row], cols[is_row], scores[is_row], n_a, k)
+    # strips kept column entries for the lower maxima they knew
+    is_column = values >= torch.maximum(bound.reach(bound.low(column_max)), column_floor)[cols]
+    col_scores, col_rows = _select_per_row(cols[is_column], rows[is_column], scores[is_column], n_b, 1)
 
     rows, cols, scores = _concat(pair_parts, device)
     final = scores >= bound.reach(pair_level - band)
-    rows, cols, pair_scores = rescore(a, b, rows[final], cols[final], scores[final], bound)
+    rows, cols, _, pair_scores = rescore(a, b, rows[final], cols[final], scores[final], bound)
     if len(pair_scores) > top_pairs > 0:
         keep = pair_scores >= torch.topk(pair_scores, top_pairs, sorted=False).values.amin() - band
         rows, cols, pair_scores = rows[keep], cols[keep], pair_scores[keep]

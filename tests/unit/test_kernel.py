@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
-from raymem.search import kernel
+from raymem.search import kernel, native
 
 
 def sign_embeddings(n: int, d: int, seed: int) -> torch.Tensor:
@@ -85,6 +87,20 @@ def test_screen_scores_stay_within_their_bound_for_every_pair(screen, d, offset)
     exact = a.exact @ b.exact.T
 
     assert bool(((bound.low(values) <= exact) & (exact <= bound.high(values))).all())
+
+
+@pytest.mark.parametrize("screen", kernel.SCREENS)
+def test_the_fused_c_reduction_builds_here_and_gives_the_torch_reductions_result(screen):
+    generator = torch.Generator().manual_seed(3)
+    a = kernel.prepare_block(torch.randn(700, 40, generator=generator), screen)
+    b = kernel.prepare_block(torch.randn(3000, 40, generator=generator), screen)
+    floors = {"row_floor": torch.full((700,), 0.3), "column_floor": torch.full((3000,), -torch.inf)}
+
+    fused, plain = (kernel.search_tile(a, b, a_offset=0, b_offset=0, k=5, top_pairs=50, band=1e-3, **floors,
+                                       native_reductions=fused_loop) for fused_loop in (True, False))
+
+    assert native.load() is not None
+    assert all(torch.equal(getattr(fused, f.name), getattr(plain, f.name)) for f in fields(kernel.SearchResult))
 
 
 def test_a_screen_score_outside_its_bound_is_an_error():
