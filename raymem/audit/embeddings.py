@@ -1,22 +1,29 @@
-"""The memorization audit on embeddings: read three embedding sets, search, decide, write the results.
+"""The memorization audit on embeddings: read the embedding sets, search, decide, write the results.
 
 Inputs follow the embedding schema of DESIGN.md: Parquet with ``sample_id`` (string), ``patient_id`` (string;
-required for training and validation, optional for synthetic samples) and ``embedding`` (fixed_size_list<float32>[d]
-or a variable list of length d), at a URI naming a file or a folder of ``*.parquet`` files (local path or s3://).
+required for the real sets, optional for generated ones) and ``embedding`` (fixed_size_list<float32>[d] or a
+variable list of length d), at a URI naming a file or a folder of ``*.parquet`` files (local path or s3://). The
+roles (DESIGN.md): train (what may be memorized; restricted to the generator's own training set when its ids are
+given), val (calibrates: sets the thresholds), test (evaluates: held-out patients on which every false-positive
+rate is measured; without it, half of the validation patients), synthetic (the generator's own samples: the
+headline figures describe these only), generator-null samples (optional), planted known copies and known novel
+samples (scored apart, under ``planted``).
 
 Outputs under ``out_uri``:
 
-- ``metrics.json``: the figures of raymem.audit.metrics (keys listed in ``audit_metrics``).
-- ``matches.parquet``: one row per synthetic sample (``kind`` = "synthetic") followed by one row per training
-  sample (``kind`` = "train"). Columns: kind, sample_id, patient_id, neighbour_ids, neighbour_indices,
-  neighbour_scores (lists, best first: a synthetic sample's top-k training samples, a training sample's best
-  synthetic sample), best_score, score_exact (the row was recomputed in float64 because a decision was near a
-  threshold), is_copy (synthetic rows; null on training rows), is_memorized (training rows; null on synthetic rows),
-  planted_from (the training sample_id a planted copy was made from; null otherwise). Indices count rows of the
-  training set (synthetic rows) or of the synthetic set with planted copies appended (training rows), in input order.
+- ``metrics.json``: the figures of raymem.audit.metrics with their 95 % intervals (keys listed in
+  ``audit_metrics``).
+- ``matches.parquet``: one row per generated sample (``kind`` = "synthetic"), then one per training sample
+  (``kind`` = "train"), then one per planted sample (``kind`` = "planted"). Columns: kind, sample_id, patient_id,
+  neighbour_ids, neighbour_indices, neighbour_scores (lists, best first: a synthetic or planted sample's top-k
+  training samples, a training sample's best generated sample), best_score, score_exact (the row was recomputed
+  in float64 because a decision was near a threshold), is_copy (synthetic and planted rows; null on training
+  rows), is_memorized (training rows; null otherwise), planted_from (the training sample_id a planted copy was made
+  from; null otherwise). Indices count rows of the audited training set (synthetic and planted rows) or of the
+  generated samples (training rows), in input order.
 
-This module reads, orchestrates and writes; thresholds and figures are computed in raymem.audit.metrics and the
-search in raymem.search (single process, or Ray tasks with ``distributed=True``).
+This module reads, orchestrates and writes; thresholds, figures and intervals are computed in raymem.audit.metrics
+and raymem.audit.statistics, the search in raymem.search (single process, or Ray tasks with ``distributed=True``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import io
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raymem import storage
-from raymem.audit import metrics
+from raymem.audit import metrics, statistics
 from raymem.search import kernel
 
 PLANTED_NOISE = 0.1  # planted copy = training embedding + N(0, (PLANTED_NOISE * the embedding's std)^2) per entry
@@ -202,14 +208,57 @@ def _progress_bar(enabled: bool, n_a: int, n_b: int, block_rows: int):
 
 
 @dataclass
+class Subset:
+    """Rows (sorted indices) of one embedding source: the reference training set, a validation half, ..."""
+
+    source: EmbeddingSource
+    rows: np.ndarray
+
+    @classmethod
+    def whole(cls, source: EmbeddingSource) -> Subset:
+        return cls(source, np.arange(len(source)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return self.source.sample_ids[self.rows]
+
+    @property
+    def patient_ids(self) -> np.ndarray | None:
+        return None if self.source.patient_ids is None else self.source.patient_ids[self.rows]
+
+    def batches(self) -> Iterator[np.ndarray]:
+        return self.source.batches(rows=None if len(self.rows) == len(self.source) else self.rows)
+
+
+@dataclass
+class AuditInputs:
+    """The audit's sets. train: the reference (the generator's own training set); calibrate: sets the thresholds
+    (val); evaluate: measures the false-positive rates (test patients, else the validation half that does not
+    calibrate: fpr_source "val-half"); synthetic: the generator's own samples; null: samples of a generator
+    trained on held-out patients (optional)."""
+
+    train: Subset
+    calibrate: Subset
+    evaluate: Subset
+    synthetic: EmbeddingSource
+    null: EmbeddingSource | None
+    fpr_source: str
+    reference: dict
+
+
+@dataclass
 class AuditResult:
     """What an audit found, for writing and for the report.
 
-    metrics: the metrics.json dict. synthetic_top1 (n_synthetic,): each synthetic sample's best training score.
+    metrics: the metrics.json dict. synthetic_top1 (n_synthetic,): each generated sample's best training score.
     null_scores (n_train,): each training sample's best validation score (the paper's null; tau is its percentile
     under calibration "paper"). null_scores_matched (n_val,): each validation sample's best training score (the
-    matched copy null). top_pairs: the REPORT_PAIRS highest-scoring synthetic samples with their best training match
-    (dicts: synthetic_id, train_id, patient_id, score, is_copy, synthetic_index, train_index). patients: per training
+    matched copy null). null_scores_generator (n_null,) or None: each generator-null sample's best training score.
+    top_pairs: the REPORT_PAIRS highest-scoring generated samples with their best training match (dicts:
+    synthetic_id, train_id, patient_id, score, is_copy, synthetic_index, train_index). patients: per training
     patient rows (patient_id, n_train_images, n_memorized, best_score), riskiest first. matches: the matches table.
     """
 
@@ -220,6 +269,145 @@ class AuditResult:
     top_pairs: list[dict]
     patients: list[dict]
     matches: pa.Table
+    null_scores_generator: np.ndarray | None = None
+
+
+@dataclass
+class Planted:
+    """Known truth mixed in beside the generator's samples (never in its figures): embeddings (n, d), ids (n,),
+    source (n,) the reference training row each known copy was made from, -1 for the known novel ones."""
+
+    embeddings: np.ndarray
+    ids: np.ndarray
+    source: np.ndarray
+    noise: float | None = None
+
+
+def evaluation_split(val_patient_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Without a test split: (calibrating rows, evaluating rows) of the validation set, split by patient."""
+    return metrics.split_by_patient(val_patient_ids, np.random.default_rng(seed))
+
+
+def read_inputs(train_uri: str, val_uri: str, synthetic_uri: str, *, test_uri: str | None, null_uri: str | None,
+                reference_ids: Sequence[str] | None, seed: int) -> AuditInputs:
+    """Open the sets, check the contracts (one embedding size; no patient in two of train, val, test), pick the
+    reference training rows and the calibration / evaluation sets."""
+    train = EmbeddingSource(train_uri, "train", require_patients=True)
+    val = EmbeddingSource(val_uri, "val", require_patients=True)
+    test = EmbeddingSource(test_uri, "test", require_patients=True) if test_uri else None
+    synthetic = EmbeddingSource(synthetic_uri, "synthetic", require_patients=False)
+    null = EmbeddingSource(null_uri, "generator-null", require_patients=False) if null_uri else None
+    sources = [s for s in (train, val, test, synthetic, null) if s is not None]
+    if len({s.dim for s in sources}) > 1:
+        raise ValueError("embedding sizes differ: " + ", ".join(f"{s.role} {s.dim}" for s in sources)
+                         + "; embed every set with the same detector")
+    real = [s for s in (train, val, test) if s is not None]
+    for i, first in enumerate(real):
+        for second in real[i + 1:]:
+            shared = np.intersect1d(first.patient_ids.astype(str), second.patient_ids.astype(str))
+            if len(shared):
+                raise ValueError(f"{second.role} patients must not appear in {first.role} (each role needs unseen "
+                                 f"patients); shared patient_id: {', '.join(shared[:_MAX_NAMED])}")
+    if reference_ids is None:
+        train_rows, reference = np.arange(len(train)), {"source": "train split", "n_train": len(train)}
+    else:
+        row_of = {str(sample_id): i for i, sample_id in enumerate(train.sample_ids)}
+        missing = [i for i in reference_ids if str(i) not in row_of]
+        if missing:
+            raise ValueError(f"the generator's training set names {len(missing)} sample ids that are not in the "
+                             f"training embeddings {train_uri}: {', '.join(map(str, missing[:_MAX_NAMED]))}")
+        train_rows = np.unique([row_of[str(i)] for i in reference_ids])
+        reference = {"source": "the generator's training set", "n_train": len(train_rows),
+                     "n_train_split": len(train)}
+    if test is not None:
+        calibrate, evaluate, fpr_source = Subset.whole(val), Subset.whole(test), "test"
+    else:
+        halves = evaluation_split(val.patient_ids, seed)
+        calibrate, evaluate, fpr_source = Subset(val, halves[0]), Subset(val, halves[1]), "val-half"
+    return AuditInputs(Subset(train, train_rows), calibrate, evaluate, synthetic, null, fpr_source, reference)
+
+
+def plant_embeddings(engine, train_set, eval_set, n: int, rng: np.random.Generator) -> Planted:
+    """n known copies (random reference training rows plus noise, PLANTED_NOISE) and n known novel samples
+    (random evaluation rows under the same noise): the embedding-level ground truth."""
+    copy_rows = np.sort(rng.choice(_rows_of(train_set), size=n, replace=False))
+    novel_rows = np.sort(rng.choice(_rows_of(eval_set), size=n, replace=False))
+    embeddings = np.concatenate([_plant(engine.rows(train_set, copy_rows), rng),
+                                 _plant(engine.rows(eval_set, novel_rows), rng)])
+    ids = np.array([f"planted-embedding-{i}" for i in range(n)] + [f"planted-novel-embedding-{i}" for i in range(n)],
+                   dtype=object)
+    return Planted(embeddings, ids, np.concatenate([copy_rows, np.full(n, -1)]), PLANTED_NOISE)
+
+
+def _rows_of(blocks) -> int:
+    return len(blocks) if isinstance(blocks, torch.Tensor) else blocks.n_rows
+
+
+def read_planted(uri: str, planted: Mapping[str, str], planted_novel: Sequence[str],
+                 train: Subset) -> Planted:
+    """Known copies and known novel samples embedded at uri: planted {id: training sample_id it copies},
+    planted_novel the ids of the known novel ones (every other planted sample is refused)."""
+    source = EmbeddingSource(uri, "planted", require_patients=False)
+    train_row = {str(sample_id): i for i, sample_id in enumerate(train.sample_ids)}
+    ids = source.sample_ids.astype(str)
+    unknown = sorted(set(ids) - set(planted) - set(planted_novel))
+    missing = sorted((set(planted) | set(planted_novel)) - set(ids))
+    outside = sorted({t for t in planted.values() if t not in train_row})
+    for problem, names in (("are neither known copies nor known novel", unknown),
+                           ("are listed but not embedded", missing),
+                           ("copy training images outside the audited training set", outside)):
+        if names:
+            raise ValueError(f"planted samples at {uri} {problem}: {', '.join(names[:_MAX_NAMED])}")
+    sources = np.array([train_row[planted[i]] if i in planted else -1 for i in ids], dtype=np.int64)
+    return Planted(np.concatenate(list(source.batches())), source.sample_ids, sources)
+
+
+class _Sets:
+    """The audit's sets in the engine (tensors or Ray block sets) and the float64 pair recomputation."""
+
+    def __init__(self, engine, inputs: AuditInputs):
+        self.engine = engine
+        self.train = engine.put(inputs.train.batches(), inputs.train.source.dim)
+        self.calibrate = engine.put(inputs.calibrate.batches(), inputs.train.source.dim)
+        self.evaluate = engine.put(inputs.evaluate.batches(), inputs.train.source.dim)
+        self.synthetic = engine.put(inputs.synthetic.batches(), inputs.train.source.dim)
+        self.null = engine.put(inputs.null.batches(), inputs.train.source.dim) if inputs.null else None
+
+    def pair_recompute(self, other):
+        """(train rows, rows of ``other``) -> float64 pair scores."""
+        def recompute(train_rows: np.ndarray, other_rows: np.ndarray) -> np.ndarray:
+            return kernel.exact_pair_scores(torch.from_numpy(self.engine.rows(self.train, train_rows)),
+                                            torch.from_numpy(self.engine.rows(other, other_rows))).numpy()
+        return recompute
+
+    def top1(self, queries, reference):
+        """Recompute of one query set's best match in a reference set."""
+        return lambda rows: self.engine.exact_topk(queries, rows, reference, 1)
+
+
+def search_against_train(sets: _Sets, other, n_other: int, n_train: int, top_pairs: int):
+    """Training rows against another set: (train -> other best (n_train, 1), other -> train best (n_other, 1),
+    the top_pairs largest pair scores (rows: train, cols: other))."""
+    found = sets.engine.search(sets.train, other, k=1, top_pairs=top_pairs)
+    return (
+        metrics.Neighbours(found.row_scores.numpy(), found.row_indices.numpy(), sets.top1(sets.train, other)),
+        metrics.Neighbours(found.col_scores.numpy()[:, None], found.col_indices.numpy()[:, None],
+                           sets.top1(other, sets.train)),
+        metrics.TopPairs.from_search(found.pair_scores.numpy(), found.pair_rows.numpy(), found.pair_cols.numpy(),
+                                     n_train * n_other, top_pairs, sets.pair_recompute(other)),
+    )
+
+
+def pairs_above(sets: _Sets, other, n_other: int, n_train: int, threshold: float,
+                pairs: metrics.TopPairs | None = None):
+    """(other -> train best, train x other pairs holding every pair strictly above threshold): searches again,
+    asking for four times as many pairs each time, until the kept pairs reach below the threshold."""
+    requested = max(1024, 4 * (len(pairs.scores) if pairs is not None else 0))
+    best = None
+    while pairs is None or not pairs.covers(threshold):
+        _, best, pairs = search_against_train(sets, other, n_other, n_train, min(requested, n_train * n_other))
+        requested *= 4
+    return best, pairs
 
 
 def run_audit(
@@ -227,10 +415,14 @@ def run_audit(
     val_uri: str,
     synthetic_uri: str,
     *,
+    test_uri: str | None = None,
+    null_uri: str | None = None,
+    reference_ids: Sequence[str] | None = None,
     percentile: float = 95.0,
     top_k: int = 5,
     calibration: str = "paper",
     plant_copies: int = 0,
+    planted_uri: str | None = None,
     planted: Mapping[str, str] | None = None,
     planted_novel: Sequence[str] = (),
     labels_csv: str | None = None,
@@ -239,19 +431,23 @@ def run_audit(
     block_rows: int = 4096,
     progress: bool = True,
 ) -> AuditResult:
-    """Audit synthetic embeddings against training embeddings, with validation embeddings as the null.
+    """Audit a generator's own samples (synthetic) against its own training set, with validation embeddings as
+    the calibration null and test embeddings as the evaluation set.
 
-    percentile: P of the threshold (paper: 95). top_k: training neighbours kept per synthetic sample.
-    calibration: "paper" or "matched" (raymem.audit.metrics), which figures are the headline; both are computed.
-    plant_copies: N training embeddings, each plus noise (PLANTED_NOISE), appended to the synthetic set (ids
-    "planted-embedding-<i>") as known copies. planted: {synthetic_id: train_id} of synthetic samples already in the
-    set that are known copies (the image audit plants transformed images). With either, the copy decisions are
-    scored against that truth: every other synthetic sample counts as novel, unless planted_novel names the known
-    novel ones (transformed images of held-out patients), which are then the only negatives, so a generator's own
-    copies do not count as false alarms. labels_csv: hand labels (columns
-    synthetic_id, train_id, label = copy|novel). seed: numpy.random.default_rng(seed) draws the validation split
-    (metrics.split_by_patient), then the planted copies. distributed: Ray tasks instead of this process.
-    block_rows: the tile grid's block size.
+    test_uri: held-out patients in neither train nor val; every measured false-positive rate and the planted
+    negatives come from them. Without it the validation set is split by patient (evaluation_split): one half
+    calibrates, the other evaluates (fpr_source "val-half"). null_uri: samples of a generator trained only on
+    held-out patients: calibration "generator" and the false-positive rates under the generator's own shift.
+    reference_ids: the generator's training sample_ids (its training_ids.json); None: the whole training set.
+    percentile: P of the thresholds (paper: 95). top_k: training neighbours kept per synthetic sample.
+    calibration: "paper", "matched" or "generator" (raymem.audit.metrics): which figures are the headline; all
+    available ones are computed. plant_copies: N reference training embeddings plus noise (PLANTED_NOISE) as known
+    copies and N evaluation embeddings under the same noise as known novel samples. planted_uri with planted
+    {id: train sample_id} and planted_novel [ids]: known copies and known novel samples already embedded (the image
+    audit's transformed images). Planted samples are searched and scored apart (metrics["planted"]); they never
+    enter the generator's figures. labels_csv: hand labels (synthetic_id, train_id, label = copy|novel). seed: the
+    validation split when there is no test split, the planted copies and the bootstraps. distributed: Ray tasks
+    instead of this process. block_rows: the tile grid's block size.
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
@@ -259,214 +455,194 @@ def run_audit(
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if calibration not in metrics.CALIBRATIONS:
         raise ValueError(f"calibration must be one of {metrics.CALIBRATIONS}, got {calibration!r}")
-    train = EmbeddingSource(train_uri, "train", require_patients=True)
-    val = EmbeddingSource(val_uri, "val", require_patients=True)
-    synthetic = EmbeddingSource(synthetic_uri, "synthetic", require_patients=False)
-    if len({train.dim, val.dim, synthetic.dim}) > 1:
-        raise ValueError(f"embedding sizes differ: train {train.dim}, val {val.dim}, synthetic {synthetic.dim}; "
-                         "embed all three sets with the same detector")
-    shared = np.intersect1d(train.patient_ids.astype(str), val.patient_ids.astype(str))
-    if len(shared):
-        raise ValueError(f"validation patients must not appear in training (the null needs unseen patients); "
-                         f"shared patient_id: {', '.join(shared[:_MAX_NAMED])}")
-    if not 0 <= plant_copies <= len(train):
-        raise ValueError(f"plant_copies must be between 0 and the {len(train)} training samples, got {plant_copies}")
+    if calibration == "generator" and not null_uri:
+        raise ValueError("calibration 'generator' needs the samples of a generator trained on held-out patients "
+                         "(--null-synthetic): train one with `raymem train-ldm --split test`")
+    inputs = read_inputs(train_uri, val_uri, synthetic_uri, test_uri=test_uri, null_uri=null_uri,
+                         reference_ids=reference_ids, seed=seed)
+    n_train, n_synthetic = len(inputs.train), len(inputs.synthetic)
+    if not 0 <= plant_copies <= min(n_train, len(inputs.evaluate)):
+        raise ValueError(f"plant_copies must be between 0 and min({n_train} training, {len(inputs.evaluate)} "
+                         f"evaluation samples), got {plant_copies}")
     rng = np.random.default_rng(seed)
-    halves = metrics.split_by_patient(val.patient_ids, rng)
-    planted_rows = np.sort(rng.choice(len(train), size=plant_copies, replace=False))
-    synthetic_ids = np.concatenate([synthetic.sample_ids, [f"planted-embedding-{i}" for i in range(plant_copies)]])
-    _require_unique(synthetic_ids, "synthetic sample_id (with planted copies)", synthetic_uri)
-    planted_source = _planted_sources(planted or {}, synthetic_ids, train.sample_ids)
-    unknown_novel = sorted(set(planted_novel) - set(synthetic_ids.astype(str)))
-    if unknown_novel:
-        raise ValueError(f"planted novel samples not in the synthetic set: {', '.join(unknown_novel[:_MAX_NAMED])}")
-    planted_source[len(synthetic):] = planted_rows
-    n_train, n_val, n_synthetic = len(train), len(val), len(synthetic_ids)
-    top_pairs = [max(metrics.top_pairs_needed(n_train * n_val, percentile, n_synthetic),
-                     metrics.top_pairs_needed(n_train * len(half), percentile, len(other)))
-                 for half, other in (halves, halves[::-1])]
-    if max(top_pairs) > MAX_TOP_PAIRS:
+    top_pairs = metrics.top_pairs_needed(n_train * len(inputs.calibrate), percentile, n_synthetic)
+    if top_pairs > MAX_TOP_PAIRS:
         raise ValueError(f"the matched calibration's null for {n_synthetic} synthetic samples needs the "
-                         f"{max(top_pairs):,} largest of {n_train:,} x {n_val:,} train-validation correlations "
-                         f"(more than {MAX_TOP_PAIRS:,}): audit more synthetic samples or use fewer validation samples")
+                         f"{top_pairs:,} largest of {n_train:,} x {len(inputs.calibrate):,} train-validation "
+                         f"correlations (more than {MAX_TOP_PAIRS:,}): audit more synthetic samples or use fewer "
+                         "validation samples")
 
     engine = _RayEngine(block_rows, progress) if distributed else _LocalEngine(block_rows, progress)
-    train_set = engine.put(train.batches(), train.dim)
-    planted_embeddings = _plant(engine.rows(train_set, planted_rows), rng)
-    synthetic_set = engine.put(chain(synthetic.batches(), [planted_embeddings]), train.dim)
-    half_sets = [engine.put(val.batches(rows=half), val.dim) for half in halves]
-
-    def pair_scores(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
-        """Float64 correlations of (train row, validation row) pairs, validation rows in the whole set's order."""
-        val_raw = np.empty((len(val_rows), val.dim), np.float32)
-        for half, half_set in zip(halves, half_sets):
-            mine = np.isin(val_rows, half)
-            val_raw[mine] = engine.rows(half_set, np.searchsorted(half, val_rows[mine]))
-        train_raw = engine.rows(train_set, train_rows)
-        return kernel.exact_pair_scores(torch.from_numpy(train_raw), torch.from_numpy(val_raw)).numpy()
-
-    nulls = [_null_search(engine, train_set, half, half_set, top, pair_scores)
-             for half, half_set, top in zip(halves, half_sets, top_pairs)]
-    found = engine.search(synthetic_set, train_set, k=top_k)
-    synthetic_to_train = metrics.Neighbours(
-        found.row_scores.numpy(), found.row_indices.numpy(),
-        lambda rows: engine.exact_topk(synthetic_set, rows, train_set, top_k),
-    )
-    train_to_synthetic = metrics.Neighbours(
-        found.col_scores.numpy()[:, None], found.col_indices.numpy()[:, None],
-        lambda rows: engine.exact_topk(train_set, rows, synthetic_set, 1),
-    )
-    calibrations = {
-        name: metrics.calibrate(name, halves=nulls, synthetic_to_train=synthetic_to_train,
-                                train_to_synthetic=train_to_synthetic, train_patient_ids=train.patient_ids,
-                                percentile=percentile)
-        for name in metrics.CALIBRATIONS
-    }
+    sets = _Sets(engine, inputs)
+    planted_set = None
+    if plant_copies:
+        planted_set = plant_embeddings(engine, sets.train, sets.evaluate, plant_copies, rng)
+    elif planted_uri:
+        planted_set = read_planted(planted_uri, planted or {}, planted_novel, inputs.train)
+    searches, planted_to_train = _search(sets, inputs, percentile, top_k, top_pairs, planted_set)
+    names = [name for name in metrics.CALIBRATIONS if name != "generator" or inputs.null is not None]
+    calibrations = {name: metrics.calibrate(name, searches, percentile) for name in names}
     chosen = calibrations[calibration]
-    paper_null = metrics.best_of(nulls[0].train_to_val, nulls[1].train_to_val)
-    matched_null = metrics.concatenate([null.val_to_train for null in nulls])
-    figures = audit_metrics(
-        chosen=chosen, calibrations=calibrations, percentile=percentile, top_k=top_k, n_val=n_val, halves=halves,
-        val_patient_ids=val.patient_ids, synthetic_top1=synthetic_to_train.best, paper_null=paper_null.best,
-        matched_null=matched_null.best, n_exact=int(synthetic_to_train.exact.sum() + train_to_synthetic.exact.sum()),
-    )
-    is_planted = planted_source >= 0
-    if is_planted.any():
-        known = is_planted | np.isin(synthetic_ids.astype(str), np.asarray(planted_novel, dtype=str)) \
-            if len(planted_novel) else np.ones(len(synthetic_ids), dtype=bool)
-        figures.update(metrics.detection_figures(is_planted[known], chosen.is_copy[known],
-                                                 synthetic_to_train.best[known]))
-        figures["planted_copies"] = {
-            "n": int(is_planted.sum()),
-            "embedding_noise": PLANTED_NOISE if plant_copies else None,
-            "source_top1_rate": float((synthetic_to_train.best_index == planted_source)[is_planted].mean()),
-        }
+    figures = audit_metrics(inputs=inputs, searches=searches, calibrations=calibrations, chosen=chosen,
+                            percentile=percentile, top_k=top_k)
+    if planted_set is not None:
+        figures["planted"] = planted_figures(planted_set, planted_to_train, chosen.threshold_copies, seed)
     if labels_csv is not None:
-        figures["labels"] = _label_figures(labels_csv, synthetic_ids, train.sample_ids, synthetic_set, train_set,
-                                           engine, chosen.threshold_copies)
-    synthetic_patients = (synthetic.patient_ids if synthetic.patient_ids is not None
-                          else np.full(len(synthetic), None, dtype=object))
-    matches = matches_table(
-        synthetic_ids=synthetic_ids,
-        synthetic_patient_ids=np.concatenate([synthetic_patients, np.full(plant_copies, None, dtype=object)]),
-        train_ids=train.sample_ids,
-        train_patient_ids=train.patient_ids,
-        synthetic_to_train=synthetic_to_train,
-        train_to_synthetic=train_to_synthetic,
-        chosen=chosen,
-        planted_from=np.where(is_planted, train.sample_ids[np.maximum(planted_source, 0)], None),
-    )
-    best_first = np.argsort(-synthetic_to_train.best, kind="stable")[:REPORT_PAIRS]
+        figures["labels"] = _label_figures(labels_csv, inputs, sets, planted_set, chosen.threshold_copies)
+    figures["n_scores_recomputed_float64"] = int(sum(
+        part.exact.sum() for part in (searches.synthetic_to_train, searches.train_to_synthetic)))
+    best_first = np.argsort(-searches.synthetic_to_train.best, kind="stable")[:REPORT_PAIRS]
     return AuditResult(
         metrics=figures,
-        synthetic_top1=synthetic_to_train.best.copy(),
-        null_scores=paper_null.best.copy(),
-        null_scores_matched=matched_null.best.copy(),
-        top_pairs=[_pair_row(i, synthetic_ids, train, synthetic_to_train, chosen) for i in best_first],
-        patients=metrics.patient_rows(train.patient_ids, chosen.is_memorized, train_to_synthetic.best),
-        matches=matches,
+        synthetic_top1=searches.synthetic_to_train.best.copy(),
+        null_scores=searches.train_to_val.best.copy(),
+        null_scores_matched=searches.val_to_train.best.copy(),
+        null_scores_generator=None if searches.null_to_train is None else searches.null_to_train.best.copy(),
+        top_pairs=[_pair_row(i, inputs, searches.synthetic_to_train, chosen) for i in best_first],
+        patients=metrics.patient_rows(inputs.train.patient_ids, chosen.is_memorized, searches.train_to_synthetic.best),
+        matches=matches_table(inputs=inputs, searches=searches, chosen=chosen, planted=planted_set,
+                              planted_to_train=planted_to_train),
     )
 
 
-def _null_search(engine, train_set, half: np.ndarray, half_set, top_pairs: int, pair_scores) -> metrics.NullSearch:
-    """Training samples against one validation half (rows ``half`` of the validation set): both directions and
-    the largest pair scores, with validation indices in the whole set's order."""
-    found = engine.search(train_set, half_set, k=1, top_pairs=top_pairs)
-    return metrics.NullSearch(
-        train_to_val=metrics.Neighbours(
-            found.row_scores.numpy(), half[found.row_indices.numpy()],
-            _mapped(lambda rows: engine.exact_topk(train_set, rows, half_set, 1), half),
-        ),
-        val_to_train=metrics.Neighbours(
-            found.col_scores.numpy()[:, None], found.col_indices.numpy()[:, None],
-            lambda rows: engine.exact_topk(half_set, rows, train_set, 1),
-        ),
-        pairs=metrics.TopPairs(found.pair_scores.numpy(), found.pair_rows.numpy(), half[found.pair_cols.numpy()],
-                               len(found.row_scores) * len(half), pair_scores),
+def _search(sets: _Sets, inputs: AuditInputs, percentile: float, top_k: int, top_pairs: int,
+            planted: Planted | None) -> tuple[metrics.Searches, metrics.Neighbours | None]:
+    """Every search the calibrations read, and the planted samples' training neighbours."""
+    engine, n_train = sets.engine, len(inputs.train)
+    train_to_val, val_to_train, val_pairs = search_against_train(sets, sets.calibrate, len(inputs.calibrate),
+                                                                 n_train, top_pairs)
+    found = engine.search(sets.synthetic, sets.train, k=top_k)
+    searches = metrics.Searches(
+        train_to_val=train_to_val, val_to_train=val_to_train, val_pairs=val_pairs,
+        eval_to_train=None, eval_pairs=None,
+        synthetic_to_train=metrics.Neighbours(found.row_scores.numpy(), found.row_indices.numpy(),
+                                              lambda rows: engine.exact_topk(sets.synthetic, rows, sets.train, top_k)),
+        train_to_synthetic=metrics.Neighbours(found.col_scores.numpy()[:, None], found.col_indices.numpy()[:, None],
+                                              sets.top1(sets.train, sets.synthetic)),
+        train_patient_ids=inputs.train.patient_ids, eval_patient_ids=inputs.evaluate.patient_ids,
     )
+    if inputs.null is not None:
+        n_null = len(inputs.null)
+        null_pairs = metrics.top_pairs_needed(n_train * n_null, percentile, searches.n_synthetic)
+        _, searches.null_to_train, searches.null_pairs = search_against_train(sets, sets.null, n_null, n_train,
+                                                                              null_pairs)
+    # The evaluation and null pairs must hold every pair above the lowest memorized threshold in use.
+    lowest = min(metrics.thresholds(name, searches, percentile)[1] for name in metrics.CALIBRATIONS
+                 if name != "generator" or inputs.null is not None)
+    searches.eval_to_train, searches.eval_pairs = pairs_above(sets, sets.evaluate, len(inputs.evaluate), n_train,
+                                                              lowest)
+    if inputs.null is not None and not searches.null_pairs.covers(lowest):
+        _, searches.null_pairs = pairs_above(sets, sets.null, len(inputs.null), n_train, lowest,
+                                             searches.null_pairs)
+    planted_to_train = None
+    if planted is not None:
+        planted_blocks = engine.put([planted.embeddings], planted.embeddings.shape[1])
+        found = engine.search(planted_blocks, sets.train, k=top_k)
+        planted_to_train = metrics.Neighbours(
+            found.row_scores.numpy(), found.row_indices.numpy(),
+            lambda rows: engine.exact_topk(planted_blocks, rows, sets.train, top_k))
+    return searches, planted_to_train
 
 
-def _pair_row(i: int, synthetic_ids: np.ndarray, train: EmbeddingSource, synthetic_to_train, chosen) -> dict:
-    """A synthetic sample and its best training match, for the report."""
+def planted_figures(planted: Planted, planted_to_train: metrics.Neighbours, threshold: float, seed: int) -> dict:
+    """The planted ground truth at the copy threshold in use: sensitivity on the known copies, specificity on the
+    known novel samples, precision, ROC AUC, with 95 % intervals; and how often a copy's best match is its source."""
+    is_copy = planted.source >= 0
+    figures = metrics.detection_figures(is_copy, planted_to_train.exceeds(threshold), planted_to_train.best, seed)
+    return {
+        "n_copies": int(is_copy.sum()),
+        "n_novel": int((~is_copy).sum()),
+        **figures,
+        "embedding_noise": planted.noise,
+        "source_top1_rate": float((planted_to_train.best_index == planted.source)[is_copy].mean())
+        if is_copy.any() else None,
+    }
+
+
+def _pair_row(i: int, inputs: AuditInputs, synthetic_to_train, chosen) -> dict:
+    """A generated sample and its best training match, for the report."""
     j = int(synthetic_to_train.best_index[i])
-    return {"synthetic_id": str(synthetic_ids[i]), "train_id": str(train.sample_ids[j]),
-            "patient_id": str(train.patient_ids[j]), "score": float(synthetic_to_train.best[i]),
+    return {"synthetic_id": str(inputs.synthetic.sample_ids[i]), "train_id": str(inputs.train.sample_ids[j]),
+            "patient_id": str(inputs.train.patient_ids[j]), "score": float(synthetic_to_train.best[i]),
             "is_copy": bool(chosen.is_copy[i]), "synthetic_index": int(i), "train_index": j}
 
 
-def _mapped(recompute, half: np.ndarray):
-    """A recompute over one validation half, with indices mapped to the whole validation set."""
-
-    def mapped(rows):
-        scores, indices = recompute(rows)
-        return scores, half[indices]
-
-    return mapped
-
-
-def _planted_sources(planted: Mapping[str, str], synthetic_ids: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
-    """(n_synthetic,) the training row each known copy was made from, -1 for the other synthetic samples."""
-    synthetic_row = {str(sample_id): i for i, sample_id in enumerate(synthetic_ids)}
-    train_row = {str(sample_id): i for i, sample_id in enumerate(train_ids)}
-    missing = [i for i in planted if i not in synthetic_row] + [t for t in planted.values() if t not in train_row]
-    if missing:
-        raise ValueError(f"planted copies name sample ids that are not in the audited sets: "
-                         f"{', '.join(missing[:_MAX_NAMED])}")
-    sources = np.full(len(synthetic_ids), -1, dtype=np.int64)
-    for synthetic_id, train_id in planted.items():
-        sources[synthetic_row[synthetic_id]] = train_row[train_id]
-    return sources
-
-
 def _plant(train_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Known copies (r, d): each training row plus Gaussian noise of PLANTED_NOISE times the row's own std."""
+    """Known copies (r, d): each row plus Gaussian noise of PLANTED_NOISE times the row's own std."""
     rows = train_rows.astype(np.float64)
     noise = rng.standard_normal(rows.shape) * PLANTED_NOISE * rows.std(axis=1, keepdims=True)
     return (rows + noise).astype(np.float32)
 
 
-def audit_metrics(*, chosen, calibrations, percentile, top_k, n_val, halves, val_patient_ids, synthetic_top1,
-                  paper_null, matched_null, n_exact) -> dict:
-    """The metrics.json dict: the headline figures of the chosen calibration (DESIGN.md contract keys), both
-    calibrations' figures, the score distributions next to their nulls, the validation split."""
+def audit_metrics(*, inputs: AuditInputs, searches: metrics.Searches, calibrations: dict, chosen, percentile: float,
+                  top_k: int) -> dict:
+    """The metrics.json dict (DESIGN.md contract keys): the chosen calibration's figures of the generator's own
+    samples against its own training set, with their 95 % intervals, the false-positive rates measured on the
+    evaluation set at the thresholds in use, every calibration's figures, score distributions, warnings."""
     headline = chosen.figures()
-    n_train, n_synthetic = len(chosen.is_memorized), len(chosen.is_copy)
-    return {
-        "threshold": chosen.threshold_copies,
+    n_eval_patients = len(np.unique(inputs.evaluate.patient_ids.astype(str)))
+    n_val_patients = len(np.unique(inputs.calibrate.patient_ids.astype(str)))
+    figures = {
+        "threshold": calibrations["paper"].threshold_copies,
         "threshold_copies": chosen.threshold_copies,
         "threshold_memorized": chosen.threshold_memorized,
         "percentile": percentile,
         "calibration": chosen.name,
         "top_k": top_k,
-        "n_train": n_train,
-        "n_val": n_val,
-        "n_synthetic": n_synthetic,
-        "n_memorized_train": headline["n_memorized_train"],
-        "pct_memorized_train": headline["pct_memorized_train"],
-        "n_copies": headline["n_copies"],
-        "pct_copies": headline["pct_copies"],
+        "n_train": len(inputs.train),
+        "n_val": len(inputs.calibrate),
+        "n_synthetic": len(inputs.synthetic),
         "n_patients": len(chosen.is_memorized_patient),
-        "n_memorized_patients": headline["n_memorized_patients"],
-        "pct_memorized_patients": headline["pct_memorized_patients"],
-        "implied_fpr": chosen.implied_fpr_copies,
-        "measured_fpr_copies": chosen.measured_fpr_copies,
-        "measured_fpr_memorized": chosen.measured_fpr_memorized,
-        "calibrations": {name: calibration.figures() for name, calibration in calibrations.items()},
-        "distribution": {
-            "synthetic_top1": metrics.summary(synthetic_top1),
-            "null_train_to_val": metrics.summary(paper_null),
-            "null_val_to_train": metrics.summary(matched_null),
-        },
-        "validation_split": {
-            "n_val": [len(half) for half in halves],
-            "n_patients": [len(np.unique(val_patient_ids[half].astype(str))) for half in halves],
-        },
-        "n_scores_recomputed_float64": n_exact,
+        "n_eval": len(inputs.evaluate),
+        "n_eval_patients": n_eval_patients,
+        "fpr_source": inputs.fpr_source,
+        "reference": inputs.reference,
     }
+    if inputs.null is not None:
+        figures["n_null"] = len(inputs.null)
+    figures.update({key: value for key, value in headline.items() if key not in ("threshold_copies",
+                                                                                   "threshold_memorized")})
+    figures["implied_fpr"] = chosen.implied_fpr_copies
+    figures["calibrations"] = {name: calibration.figures() for name, calibration in calibrations.items()}
+    figures["distribution"] = {
+        "synthetic_top1": metrics.summary(searches.synthetic_to_train.best),
+        "null_train_to_val": metrics.summary(searches.train_to_val.best),
+        "null_val_to_train": metrics.summary(searches.val_to_train.best),
+        "eval_to_train": metrics.summary(searches.eval_to_train.best),
+    }
+    if searches.null_to_train is not None:
+        figures["distribution"]["generator_null_to_train"] = metrics.summary(searches.null_to_train.best)
+    if inputs.fpr_source == "val-half":
+        figures["validation_split"] = {"n_val": [len(inputs.calibrate), len(inputs.evaluate)],
+                                       "n_patients": [n_val_patients, n_eval_patients]}
+    figures["warnings"] = audit_warnings(figures, n_val_patients)
+    return figures
 
 
-def _label_figures(labels_csv, synthetic_ids, train_ids, synthetic_set, train_set, engine, threshold) -> dict:
-    """Agreement of the audit with hand labels: CSV columns synthetic_id, train_id, label (copy or novel)."""
+def audit_warnings(figures: dict, n_val_patients: int) -> list[str]:
+    """What a reader must know before trusting the figures: small evaluation or calibration sets, no test split,
+    fewer generated samples than training images."""
+    warnings = []
+    minimum = statistics.MIN_EVAL_PATIENTS
+    if figures["fpr_source"] == "val-half":
+        warnings.append("no test split: the false-positive rates are measured on half of the validation patients, "
+                        "and the other half alone sets the thresholds")
+    if figures["n_eval_patients"] < minimum:
+        warnings.append(f"only {figures['n_eval_patients']} evaluation patients (fewer than {minimum}): the measured "
+                        "false-positive rates are too uncertain to state; see their 95 % intervals")
+    if n_val_patients < minimum:
+        warnings.append(f"only {n_val_patients} calibration (val) patients (fewer than {minimum}): the thresholds "
+                        "are extreme order statistics of few values and their false-positive rates vary widely")
+    if figures["n_synthetic"] < figures["n_train"]:
+        warnings.append(f"{figures['n_synthetic']} generated samples for {figures['n_train']} training images: "
+                        "fewer than the paper's rule (n_synthetic >= n_train), so the memorized share cannot reach "
+                        "100 %")
+    return warnings
+
+
+def _label_figures(labels_csv, inputs: AuditInputs, sets: _Sets, planted: Planted | None, threshold) -> dict:
+    """Agreement of the audit with hand labels: CSV columns synthetic_id, train_id, label (copy or novel). A
+    synthetic_id names a generated sample or a planted one."""
     text = storage.read_bytes(labels_csv).decode("utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
     if not rows or not {"synthetic_id", "train_id", "label"} <= set(rows[0]):
@@ -475,25 +651,29 @@ def _label_figures(labels_csv, synthetic_ids, train_ids, synthetic_set, train_se
     unknown_labels = sorted(set(labels) - {"copy", "novel"})
     if unknown_labels:
         raise ValueError(f"labels {labels_csv}: label must be 'copy' or 'novel', found {unknown_labels}")
-    synthetic_index = {str(sample_id): i for i, sample_id in enumerate(synthetic_ids)}
-    train_index = {str(sample_id): i for i, sample_id in enumerate(train_ids)}
-    missing = [row["synthetic_id"] for row in rows if row["synthetic_id"] not in synthetic_index]
+    synthetic_index = {str(sample_id): i for i, sample_id in enumerate(inputs.synthetic.sample_ids)}
+    planted_index = {} if planted is None else {str(sample_id): i for i, sample_id in enumerate(planted.ids)}
+    train_index = {str(sample_id): i for i, sample_id in enumerate(inputs.train.sample_ids)}
+    missing = [row["synthetic_id"] for row in rows if row["synthetic_id"] not in synthetic_index
+               and row["synthetic_id"] not in planted_index]
     missing += [row["train_id"] for row in rows if row["train_id"] not in train_index]
     if missing:
         raise ValueError(f"labels {labels_csv}: sample ids not in the audited sets: {', '.join(missing[:_MAX_NAMED])}")
-    syn_rows = np.array([synthetic_index[row["synthetic_id"]] for row in rows])
+    queries = np.stack([sets.engine.rows(sets.synthetic, [synthetic_index[row["synthetic_id"]]])[0]
+                        if row["synthetic_id"] in synthetic_index else planted.embeddings[planted_index[row["synthetic_id"]]]
+                        for row in rows])
     train_rows = np.array([train_index[row["train_id"]] for row in rows])
-    scores = kernel.exact_pair_scores(
-        torch.from_numpy(engine.rows(synthetic_set, syn_rows)), torch.from_numpy(engine.rows(train_set, train_rows))
-    ).numpy()
+    scores = kernel.exact_pair_scores(torch.from_numpy(queries),
+                                      torch.from_numpy(sets.engine.rows(sets.train, train_rows))).numpy()
     return metrics.label_agreement(np.array(labels) == "copy", scores, threshold)
 
 
-def matches_table(*, synthetic_ids, synthetic_patient_ids, train_ids, train_patient_ids, synthetic_to_train,
-                  train_to_synthetic, chosen, planted_from) -> pa.Table:
+def matches_table(*, inputs: AuditInputs, searches: metrics.Searches, chosen, planted: Planted | None,
+                  planted_to_train: metrics.Neighbours | None) -> pa.Table:
     """The matches.parquet table (layout in the module docstring)."""
+    train_ids, synthetic_ids = inputs.train.sample_ids, inputs.synthetic.sample_ids
 
-    def part(kind, ids, patients, neighbours, neighbour_ids, is_copy, is_memorized, planted):
+    def part(kind, ids, patients, neighbours, neighbour_ids, is_copy, is_memorized, planted_from):
         n = len(ids)
         return pa.table({
             "kind": pa.array([kind] * n, pa.string()),
@@ -506,17 +686,25 @@ def matches_table(*, synthetic_ids, synthetic_patient_ids, train_ids, train_pati
             "score_exact": pa.array(neighbours.exact, pa.bool_()),
             "is_copy": pa.array(is_copy, pa.bool_()),
             "is_memorized": pa.array(is_memorized, pa.bool_()),
-            "planted_from": pa.array(planted, pa.string()),
+            "planted_from": pa.array(planted_from, pa.string()),
         })
 
-    none_synthetic = [None] * len(synthetic_ids)
-    none_train = [None] * len(train_ids)
-    return pa.concat_tables([
-        part("synthetic", synthetic_ids, synthetic_patient_ids, synthetic_to_train, train_ids,
-             chosen.is_copy.tolist(), none_synthetic, planted_from),
-        part("train", train_ids, train_patient_ids, train_to_synthetic, synthetic_ids,
+    synthetic_patients = inputs.synthetic.patient_ids
+    if synthetic_patients is None:
+        synthetic_patients = np.full(len(synthetic_ids), None, dtype=object)
+    none_synthetic, none_train = [None] * len(synthetic_ids), [None] * len(train_ids)
+    parts = [
+        part("synthetic", synthetic_ids, synthetic_patients, searches.synthetic_to_train, train_ids,
+             chosen.is_copy.tolist(), none_synthetic, none_synthetic),
+        part("train", train_ids, inputs.train.patient_ids, searches.train_to_synthetic, synthetic_ids,
              none_train, chosen.is_memorized.tolist(), none_train),
-    ])
+    ]
+    if planted is not None:
+        none_planted = [None] * len(planted.ids)
+        planted_from = [str(train_ids[s]) if s >= 0 else None for s in planted.source]
+        parts.append(part("planted", planted.ids, np.array(none_planted, dtype=object), planted_to_train, train_ids,
+                          planted_to_train.exceeds(chosen.threshold_copies).tolist(), none_planted, planted_from))
+    return pa.concat_tables(parts)
 
 
 def write_outputs(result: AuditResult, out_uri: str) -> None:
@@ -527,27 +715,9 @@ def write_outputs(result: AuditResult, out_uri: str) -> None:
     storage.write_bytes(storage.join(out_uri, "matches.parquet"), buffer.getvalue())
 
 
-def audit_embeddings(
-    train_uri: str,
-    val_uri: str,
-    synthetic_uri: str,
-    out_uri: str,
-    *,
-    percentile: float = 95.0,
-    top_k: int = 5,
-    calibration: str = "paper",
-    plant_copies: int = 0,
-    labels_csv: str | None = None,
-    seed: int = 0,
-    distributed: bool = False,
-    block_rows: int = 4096,
-    progress: bool = True,
-) -> dict:
-    """Run the audit (``run_audit``) and write metrics.json and matches.parquet under out_uri; returns the metrics."""
-    result = run_audit(
-        train_uri, val_uri, synthetic_uri, percentile=percentile, top_k=top_k, calibration=calibration,
-        plant_copies=plant_copies, labels_csv=labels_csv, seed=seed, distributed=distributed,
-        block_rows=block_rows, progress=progress,
-    )
+def audit_embeddings(train_uri: str, val_uri: str, synthetic_uri: str, out_uri: str, **options) -> dict:
+    """Run the audit (``run_audit``, same keywords) and write metrics.json and matches.parquet under out_uri;
+    returns the metrics."""
+    result = run_audit(train_uri, val_uri, synthetic_uri, **options)
     write_outputs(result, out_uri)
     return result.metrics

@@ -1,11 +1,16 @@
 """The image-level audit: a dataset, synthetic images (a raymem dataset or any folder of images) and a detector.
 
     synthetic folder --ingest (same shape/normalisation as the dataset)--> synthetic dataset
-    [--plant-copies N: N transformed copies of training images, transforms recorded in planted.parquet]
-    embed train, val, synthetic (+ planted) --> the embedding audit (raymem.audit.embeddings) --> report.html
+    [--plant-copies N: N transformed copies of the generator's training images and N transformed images of
+     held-out patients, transforms recorded in planted.parquet]
+    [--null-synthetic: samples of a generator trained on held-out patients]
+    embed train, val, test, synthetic (+ null, planted) --> the embedding audit (raymem.audit.embeddings)
+    --> report.html
 
-Outputs under ``out``: metrics.json, matches.parquet, report.html, planted.parquet (when planting), embeddings/,
-synthetic-dataset/ (when the synthetic input was a folder of images). One MLflow run per audit.
+The generated samples are compared with the generator's own training set (its LDM run's training_ids.json) and
+the headline figures describe them only; planted samples are scored apart. Outputs under ``out``: metrics.json,
+matches.parquet, report.html, planted.parquet (when planting), embeddings/, synthetic-dataset/ (when the synthetic
+input was a folder of images). One MLflow run per audit.
 """
 
 from __future__ import annotations
@@ -58,28 +63,52 @@ def synthetic_as_dataset(synthetic_uri: str, real_manifest: dict, work_uri: str)
     return target
 
 
-def plant_copies(dataset_uri: str, n: int, seed: int, out_uri: str) -> tuple[dict[str, str], list[str]]:
-    """Plant known truth: N transformed copies of random training images, and N images of held-out (validation)
-    patients under the same transforms, as known novel samples; written as a one-split dataset.
+def generator_training_set(synthetic_dataset_uri: str) -> tuple[list[str] | None, str | None]:
+    """(the training sample_ids, the LDM run URI) of the raymem LDM run that made a synthetic dataset, read from its
+    training_ids.json; (None, None) for samples of any other generator, (None, run) for a run that predates it."""
+    from raymem.train.ldm import TRAINING_IDS_FILE
+
+    run = shards.read_manifest(synthetic_dataset_uri).get("synthetic", {}).get("run")
+    if not run:
+        return None, None
+    ids_uri = storage.join(run, TRAINING_IDS_FILE)
+    return (json.loads(storage.read_bytes(ids_uri)) if storage.exists(ids_uri) else None), run
+
+
+def plant_copies(dataset_uri: str, n: int, seed: int, out_uri: str, *, copy_ids: list[str] | None = None,
+                 novel_patients: set[str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Plant known truth: N transformed copies of random training images (of ``copy_ids`` when given: the
+    generator's own training set; drawn with replacement when it holds fewer than N), and N images of held-out
+    patients under the same transforms as known novel samples (the test split; without one, the validation patients
+    in ``novel_patients``, the audit's evaluation half); written as a one-split dataset.
 
     Returns ({copy id: train id}, [novel ids]). The novel ones are the negatives that specificity is measured on:
-    a generator's own samples have no known truth (a memorizing model makes real copies). Transforms come from
-    TRANSFORM_PRESETS[PLANT_LEVEL] (rotation, flip, contrast, brightness, noise); every drawn parameter is recorded
-    in <out>/planted.parquet (``train_id`` null for the novel ones, ``source_id`` the image each was made from).
+    a generator's own samples have no known truth (a memorizing model makes real copies), and the validation
+    patients that set the threshold are never used. Transforms come from TRANSFORM_PRESETS[PLANT_LEVEL] (rotation,
+    flip, contrast, brightness, noise); every drawn parameter is recorded in <out>/planted.parquet (``train_id``
+    null for the novel ones, ``source_id`` the image each was made from).
     """
     from raymem.data.ingest import SYNTHETIC_PATIENT, write_dataset
     from raymem.models.copy_transforms import TRANSFORM_PRESETS, apply_transform, sample_transform
 
     manifest = shards.read_manifest(dataset_uri)
-    columns = ["sample_id", "image", "spacing", "modality"]
+    columns = ["sample_id", "patient_id", "image", "spacing", "modality"]
     train = shards.load_split(dataset_uri, "train", columns)
-    val = shards.load_split(dataset_uri, "val", columns)
-    if n > min(train.num_rows, val.num_rows):
-        raise ValueError(f"--plant-copies {n} needs as many training and validation images; the dataset has "
-                         f"{train.num_rows} and {val.num_rows}")
+    if copy_ids is not None:
+        train = train.filter(pc.is_in(train["sample_id"], value_set=pa.array(sorted(copy_ids), pa.string())))
+    if manifest["splits"].get("test", {}).get("images"):
+        held_out = shards.load_split(dataset_uri, "test", columns)
+    else:
+        held_out = shards.load_split(dataset_uri, "val", columns)
+        if novel_patients is not None:
+            held_out = held_out.filter(pc.is_in(held_out["patient_id"],
+                                                value_set=pa.array(sorted(novel_patients), pa.string())))
+    if n > held_out.num_rows or train.num_rows == 0:
+        raise ValueError(f"--plant-copies {n} needs {n} held-out images (test split, else the evaluation half of "
+                         f"val) and at least one training image; there are {held_out.num_rows} and {train.num_rows}")
     rng = np.random.default_rng(seed)
-    picked = {"copy": (train, np.sort(rng.choice(train.num_rows, size=n, replace=False))),
-              "novel": (val, np.sort(rng.choice(val.num_rows, size=n, replace=False)))}
+    picked = {"copy": (train, np.sort(rng.choice(train.num_rows, size=n, replace=n > train.num_rows))),
+              "novel": (held_out, np.sort(rng.choice(held_out.num_rows, size=n, replace=False)))}
     generator = torch.Generator().manual_seed(seed)
     low, high = manifest["intensity_range"]
     samples, record = [], {"synthetic_id": [], "kind": [], "train_id": [], "source_id": []}
@@ -126,60 +155,87 @@ def images_by_id(dataset_uri: str, split: str, sample_ids: Iterable[str]) -> dic
 
 def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_uri: str, cfg: AuditConfig, *,
                  labels_csv: str | None = None, distributed: bool = False, experiment: str = "raymem",
-                 run_name: str = "audit", embed_settings: dict | None = None) -> dict:
+                 run_name: str = "audit", embed_settings: dict | None = None,
+                 null_synthetic_uri: str | None = None) -> dict:
     """Embed, audit and report; returns the metrics dict (also in <out>/metrics.json and MLflow).
 
-    embed_settings: EmbedConfig fields other than detector/data/out/splits (batch_size, num_actors, use_gpu).
+    The generated samples are compared with the generator's own training set when they come from a raymem LDM run
+    (cfg.reference "generator"); the dataset's test split, when it has one, is the evaluation set.
+    null_synthetic_uri: samples (a dataset or a folder of images) of a generator trained only on held-out patients
+    (``raymem train-ldm --split test``): calibration "generator". embed_settings: EmbedConfig fields other than
+    detector/data/out/splits (batch_size, num_actors, use_gpu).
     """
     from raymem.embed import embed_dataset
 
-    def embed(data: str, out: str, splits: tuple[str, ...]) -> None:
+    def embed(data: str, out: str, splits: tuple[str, ...]) -> str:
         settings = {key: value for key, value in (embed_settings or {}).items() if key != "splits"}
         embed_dataset(EmbedConfig(detector=detector_uri, data=data, out=out, splits=splits, **settings))
+        return storage.join(out, splits[0]) if len(splits) == 1 else out
 
     manifest = shards.read_manifest(dataset_uri)
+    has_test = bool(manifest["splits"].get("test", {}).get("images"))
     synthetic_dataset = synthetic_as_dataset(synthetic_uri, manifest, out_uri)
+    training_ids, ldm_run = generator_training_set(synthetic_dataset)
+    reference_ids = training_ids if cfg.reference == "generator" else None
     emb = storage.join(out_uri, "embeddings")
-    embed(dataset_uri, emb, ("train", "val"))
-    embed(synthetic_dataset, storage.join(emb, "synthetic", "generated"), ("train",))
-    planted, planted_novel = {}, []
+    embed(dataset_uri, emb, ("train", "val", "test") if has_test else ("train", "val"))
+    synthetic_emb = embed(synthetic_dataset, storage.join(emb, "synthetic"), ("train",))
+    null_emb = None
+    if null_synthetic_uri:
+        null_dataset = synthetic_as_dataset(null_synthetic_uri, manifest, storage.join(out_uri, "generator-null"))
+        null_emb = embed(null_dataset, storage.join(emb, "generator-null"), ("train",))
+    planted, planted_novel, planted_emb = {}, [], None
     if cfg.plant_copies:
-        planted, planted_novel = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri)
-        embed(storage.join(out_uri, "planted-dataset"), storage.join(emb, "synthetic", PLANTED), ("train",))
+        novel_patients = None
+        if not has_test:
+            from raymem.audit.embeddings import EmbeddingSource, evaluation_split
+
+            val_patients = EmbeddingSource(storage.join(emb, "val"), "val", require_patients=True).patient_ids
+            novel_patients = set(val_patients[evaluation_split(val_patients, cfg.seed)[1]].astype(str))
+        planted, planted_novel = plant_copies(dataset_uri, cfg.plant_copies, cfg.seed, out_uri,
+                                              copy_ids=reference_ids, novel_patients=novel_patients)
+        planted_emb = embed(storage.join(out_uri, "planted-dataset"), storage.join(emb, PLANTED), ("train",))
 
     result = embedding_audit.run_audit(
-        storage.join(emb, "train"), storage.join(emb, "val"), storage.join(emb, "synthetic"),
-        percentile=cfg.percentile, top_k=cfg.top_k, calibration=cfg.calibration, planted=planted,
-        planted_novel=planted_novel, labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
+        storage.join(emb, "train"), storage.join(emb, "val"), synthetic_emb,
+        test_uri=storage.join(emb, "test") if has_test else None, null_uri=null_emb, reference_ids=reference_ids,
+        percentile=cfg.percentile, top_k=cfg.top_k, calibration=cfg.calibration, planted_uri=planted_emb,
+        planted=planted, planted_novel=planted_novel, labels_csv=labels_csv, seed=cfg.seed, distributed=distributed)
+    if ldm_run:
+        result.metrics["reference"]["ldm_run"] = ldm_run
     embedding_audit.write_outputs(result, out_uri)
 
-    planted_dataset = storage.join(out_uri, "planted-dataset") if planted else None
-    html = audit_report(result, dataset_uri, synthetic_dataset, cfg.calibration, planted_dataset)
+    html = audit_report(result, dataset_uri, synthetic_dataset, cfg.calibration)
     write_report(storage.join(out_uri, "report.html"), html)
     _track(result.metrics, html, out_uri, experiment, run_name,
-           {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri, **cfg.model_dump()})
+           {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri,
+            "null_synthetic": null_synthetic_uri, **cfg.model_dump()})
     return result.metrics
 
 
 def audit_report(result: embedding_audit.AuditResult, dataset_uri: str, synthetic_dataset_uri: str,
-                 calibration: str, planted_dataset_uri: str | None = None) -> str:
+                 calibration: str) -> str:
     """report.html for an audit: its figures, and the images of its top pairs read back from the datasets."""
-    top_synthetic = [p["synthetic_id"] for p in result.top_pairs]
     train_images = images_by_id(dataset_uri, "train", [p["train_id"] for p in result.top_pairs])
-    synthetic_images = images_by_id(synthetic_dataset_uri, "train", top_synthetic)
-    if planted_dataset_uri:
-        synthetic_images.update(images_by_id(planted_dataset_uri, "train", top_synthetic))
+    synthetic_images = images_by_id(synthetic_dataset_uri, "train", [p["synthetic_id"] for p in result.top_pairs])
     pairs = [CopyPair(synthetic_id=p["synthetic_id"], train_id=p["train_id"], patient_id=p["patient_id"],
                       score=p["score"], synthetic_image=synthetic_images.get(p["synthetic_id"]),
                       train_image=train_images.get(p["train_id"])) for p in result.top_pairs]
-    null = result.null_scores if calibration == "paper" else result.null_scores_matched
+    null = {"paper": result.null_scores, "matched": result.null_scores_matched,
+            "generator": result.null_scores_generator}[calibration]
     return render_report(metrics=result.metrics, synthetic_top1=result.synthetic_top1, null_scores=null,
                          pairs=pairs, patients=result.patients)
 
 
 def numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
+    """(name, value) of every finite number in a metrics dict, nested keys joined by dots; a ``ci95`` entry
+    {figure: [lo, hi]} becomes <figure>_ci_lo and <figure>_ci_hi (MLflow metric names)."""
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if key == "ci95" and isinstance(value, dict):
+            for figure, (lo, hi) in value.items():
+                yield f"{prefix}{figure}_ci_lo", float(lo)
+                yield f"{prefix}{figure}_ci_hi", float(hi)
+        elif isinstance(value, dict):
             yield from numeric_items(value, f"{prefix}{key}.")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
             yield f"{prefix}{key}", float(value)

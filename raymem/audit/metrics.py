@@ -20,9 +20,14 @@ Calibrations:
   m = n_synthetic novel single-pair correlations exceeds with probability 1 - P/100: 1 - F(t)^m = 1 - P/100, i.e.
   t = numpy.quantile(all train x validation pair correlations, (P/100) ** (1/m)) (linear interpolation).
 
-Both are reported in every audit, with the false-positive rate of each measured on held-out real samples: the
-validation set is split in two by patient, each half calibrates, the other half is scored as if it were the
-synthetic set, and the two rates are averaged.
+- ``"generator"`` (when samples of a generator trained only on held-out patients are given): the matched
+  construction with those samples as the null, so the threshold holds their copy rate at 1 - P/100 under the
+  generator's own shift (smooth, low-texture samples that score high against everything).
+
+Every calibration is reported in every audit, with its false-positive rates measured at its own thresholds on
+evaluation samples (patients in neither train nor val: the test split, else the validation half that did not
+calibrate) and, when null samples are given, on those (raymem.audit.statistics has the estimators and intervals;
+docs/statistics.md the assumptions).
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from raymem.audit import statistics
+
 DECISION_BAND = 1e-3  # scores this close to a threshold are recomputed in float64 before a decision
 SUMMARY_PERCENTILES = (50, 75, 90, 95, 99)
-CALIBRATIONS = ("paper", "matched")
+CALIBRATIONS = ("paper", "matched", "generator")
 
 # rows (r,) -> float64 scores (r, k) and indices (r, k): a float64 top-k search of those query rows
 RowRecompute = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -157,6 +164,8 @@ class TopPairs:
 
     scores (t,) float64, rows (t,) and cols (t,) int64; n_pairs = n * m; recompute gives float64 pair scores.
     Holds at least the ``top_pairs_needed`` largest plus every pair within DECISION_BAND below the smallest of them.
+    complete_above: the smallest of the requested largest scores (-inf when every pair is kept): every pair scoring
+    above it, and within DECISION_BAND below it, is held.
     """
 
     scores: np.ndarray
@@ -164,6 +173,26 @@ class TopPairs:
     cols: np.ndarray
     n_pairs: int
     recompute: PairRecompute
+    complete_above: float = -math.inf
+
+    @classmethod
+    def from_search(cls, scores, rows, cols, n_pairs: int, requested: int, recompute: PairRecompute) -> TopPairs:
+        """The pairs a search kept when asked for its ``requested`` largest."""
+        scores = np.asarray(scores, dtype=np.float64)
+        complete = -math.inf if n_pairs <= requested or len(scores) < requested else \
+            float(np.partition(scores, len(scores) - requested)[len(scores) - requested])
+        return cls(scores, rows, cols, n_pairs, recompute, complete)
+
+    def covers(self, threshold: float) -> bool:
+        """Whether every pair strictly above threshold is held (with the pairs that decide it in float64)."""
+        return threshold >= self.complete_above
+
+    def above(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of every pair strictly above threshold, decided in float64 near it."""
+        assert self.covers(threshold), (threshold, self.complete_above)
+        self.refine_near([threshold])
+        keep = self.scores > threshold
+        return self.rows[keep], self.cols[keep]
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64).copy()
@@ -265,108 +294,133 @@ def split_by_patient(patient_ids: np.ndarray, rng: np.random.Generator) -> tuple
 
 
 @dataclass
-class NullSearch:
-    """Training samples against one validation half: train_to_val (n_train, 1) best validation match (indices in
-    the full validation set), val_to_train (n_half, 1) each half sample's best training match, pairs the largest
-    train x half pair scores."""
+class Searches:
+    """What the calibrations read: the search results of one audit (indices into each set; training = the
+    generator's own training set, the reference).
+
+    Calibration (val): train_to_val (n_train, 1) each training sample's best validation match; val_to_train
+    (n_val, 1) each validation sample's best training match; val_pairs the largest train x val pair scores.
+    Evaluation (test patients, or the held-out validation half): eval_to_train (n_eval, 1); eval_pairs train x eval
+    pairs, complete above every memorized threshold. The generator's own samples: synthetic_to_train
+    (n_synthetic, k), train_to_synthetic (n_train, 1). Generator-null samples (a generator trained on held-out
+    patients), optional: null_to_train (n_null, 1), null_pairs train x null, complete above every memorized
+    threshold once ``complete_pairs`` has run.
+    """
 
     train_to_val: Neighbours
     val_to_train: Neighbours
-    pairs: TopPairs
+    val_pairs: TopPairs
+    eval_to_train: Neighbours
+    eval_pairs: TopPairs | None
+    synthetic_to_train: Neighbours
+    train_to_synthetic: Neighbours
+    train_patient_ids: np.ndarray
+    eval_patient_ids: np.ndarray
+    null_to_train: Neighbours | None = None
+    null_pairs: TopPairs | None = None
+
+    @property
+    def n_synthetic(self) -> int:
+        return len(self.synthetic_to_train)
+
+
+def thresholds(name: str, searches: Searches, percentile: float) -> tuple[float, float, float, float]:
+    """(threshold for copies, threshold for memorized samples, implied fpr copies, implied fpr memorized) of one
+    calibration. The implied rates are in-sample: measured on the very null that set the threshold (about
+    1 - percentile / 100 by construction)."""
+    n_draws = searches.n_synthetic
+    if name == "paper":
+        tau = percentile_threshold(searches.train_to_val, percentile)
+        implied = float(searches.train_to_val.exceeds(tau).mean())
+        return tau, tau, implied, implied
+    if name == "matched":
+        copy_null, pairs = searches.val_to_train, searches.val_pairs
+    else:
+        assert name == "generator" and searches.null_to_train is not None, name
+        copy_null, pairs = searches.null_to_train, searches.null_pairs
+    tau_copies = percentile_threshold(copy_null, percentile)
+    tau_memorized = max_of_draws_threshold(pairs, percentile, n_draws)
+    single_pair_tail = pairs.count_above(tau_memorized) / pairs.n_pairs
+    implied_memorized = 1.0 - (1.0 - single_pair_tail) ** n_draws
+    return tau_copies, tau_memorized, float(copy_null.exceeds(tau_copies).mean()), float(implied_memorized)
 
 
 @dataclass
 class Calibration:
-    """One calibration's thresholds and figures. fpr_* are fractions in 0-1, pct_* percentages in 0-100."""
+    """One calibration's thresholds and figures. Shares are ``statistics.Share`` (0-1, with a 95 % interval).
+
+    Own samples: copies (of n_synthetic generated samples), memorized (of n_train training images), memorized
+    patients (of the training patients). Measured on evaluation samples (held-out patients) at this calibration's
+    own thresholds: fpr_copies (their share above the copy threshold), fpr_memorized / fpr_memorized_patients (the
+    rate at which n_synthetic novel samples would flag a training image / patient). Under the generator null,
+    when given: the same two rates with the null generator's samples as the novel ones.
+    """
 
     name: str
     threshold_copies: float
     threshold_memorized: float
     is_copy: np.ndarray  # (n_synthetic,) bool
     is_memorized: np.ndarray  # (n_train,) bool
-    is_memorized_patient: np.ndarray  # (n_patients,) bool, patients in ``patients`` order
+    is_memorized_patient: np.ndarray  # (n_patients,) bool, patients in sorted order
     implied_fpr_copies: float
     implied_fpr_memorized: float
-    measured_fpr_copies: float
-    measured_fpr_memorized: float
+    copies: statistics.Share
+    memorized: statistics.Share
+    memorized_patients: statistics.Share
+    fpr_copies: statistics.Share
+    fpr_memorized: statistics.Share
+    fpr_memorized_patients: statistics.Share
+    generator_fpr_copies: statistics.Share | None = None
+    generator_fpr_memorized: statistics.Share | None = None
 
     def figures(self) -> dict:
-        n_synthetic, n_train, n_patients = len(self.is_copy), len(self.is_memorized), len(self.is_memorized_patient)
-        return {
+        """The calibration's metrics.json entry: pct_* in percent, fpr_* in 0-1, ``ci95`` in the same units."""
+        shares = {"pct_copies": (self.copies, 100.0), "pct_memorized_train": (self.memorized, 100.0),
+                  "pct_memorized_patients": (self.memorized_patients, 100.0),
+                  "measured_fpr_copies": (self.fpr_copies, 1.0), "measured_fpr_memorized": (self.fpr_memorized, 1.0),
+                  "measured_fpr_memorized_patients": (self.fpr_memorized_patients, 1.0),
+                  "generator_fpr_copies": (self.generator_fpr_copies, 1.0),
+                  "generator_fpr_memorized": (self.generator_fpr_memorized, 1.0)}
+        figures = {
             "threshold_copies": self.threshold_copies,
             "threshold_memorized": self.threshold_memorized,
             "n_memorized_train": int(self.is_memorized.sum()),
-            "pct_memorized_train": percent(self.is_memorized.sum(), n_train),
             "n_copies": int(self.is_copy.sum()),
-            "pct_copies": percent(self.is_copy.sum(), n_synthetic),
             "n_memorized_patients": int(self.is_memorized_patient.sum()),
-            "pct_memorized_patients": percent(self.is_memorized_patient.sum(), n_patients),
             "implied_fpr_copies": self.implied_fpr_copies,
             "implied_fpr_memorized": self.implied_fpr_memorized,
-            "measured_fpr_copies": self.measured_fpr_copies,
-            "measured_fpr_memorized": self.measured_fpr_memorized,
         }
+        ci95, ci_method = {}, {}
+        for key, (value, factor) in shares.items():
+            if value is not None:
+                figures[key], ci95[key] = value.scaled(factor)
+                ci_method[key] = value.method
+        return {**figures, "ci95": ci95, "ci_method": ci_method}
 
 
-def calibration_thresholds(name: str, halves: Sequence[NullSearch], percentile: float, n_synthetic: int):
-    """(threshold for copies, threshold for memorized samples, implied fpr copies, implied fpr memorized) from
-    the nulls of the given validation halves (one half, or both for the whole validation set); n_synthetic is the
-    size of the set the thresholds will judge."""
-    if name == "paper":
-        null = halves[0].train_to_val if len(halves) == 1 else best_of(*(h.train_to_val for h in halves))
-        tau = percentile_threshold(null, percentile)
-        implied = float(null.exceeds(tau).mean())
-        return tau, tau, implied, implied
-    assert name == "matched", name
-    copy_null = concatenate([h.val_to_train for h in halves])
-    tau_copies = percentile_threshold(copy_null, percentile)
-    pairs = halves[0].pairs if len(halves) == 1 else union_pairs([h.pairs for h in halves])
-    tau_memorized = max_of_draws_threshold(pairs, percentile, n_synthetic)
-    single_pair_tail = pairs.count_above(tau_memorized) / pairs.n_pairs
-    implied_memorized = 1.0 - (1.0 - single_pair_tail) ** n_synthetic
-    return tau_copies, tau_memorized, float(copy_null.exceeds(tau_copies).mean()), float(implied_memorized)
-
-
-def measured_false_positive_rates(name: str, halves: Sequence[NullSearch], percentile: float):
-    """Calibrate on one validation half, score the other half's real samples as if synthetic (copies: its samples
-    above the copy threshold; memorized: training samples whose best match in it is above the memorized
-    threshold), both ways round; returns the mean (fpr copies, fpr memorized) as fractions."""
-    copies, memorized = [], []
-    for calibrate, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-        tau_copies, tau_memorized, _, _ = calibration_thresholds(name, [calibrate], percentile, len(held_out.val_to_train))
-        copies.append(held_out.val_to_train.exceeds(tau_copies).mean())
-        memorized.append(held_out.train_to_val.exceeds(tau_memorized).mean())
-    return float(np.mean(copies)), float(np.mean(memorized))
-
-
-def patients_memorized(train_patient_ids: np.ndarray, is_memorized: np.ndarray):
-    """(patients (p,) sorted unique ids, (p,) bool: any of the patient's training samples memorized)."""
-    patients, inverse = np.unique(train_patient_ids, return_inverse=True)
-    memorized = np.zeros(len(patients), dtype=bool)
-    np.logical_or.at(memorized, inverse, is_memorized)
-    return patients, memorized
-
-
-def calibrate(
-    name: str,
-    *,
-    halves: Sequence[NullSearch],
-    synthetic_to_train: Neighbours,
-    train_to_synthetic: Neighbours,
-    train_patient_ids: np.ndarray,
-    percentile: float,
-) -> Calibration:
-    """All figures of one calibration ("paper" or "matched") for the audit."""
+def calibrate(name: str, searches: Searches, percentile: float) -> Calibration:
+    """All figures of one calibration ("paper", "matched" or "generator") for the audit."""
     if name not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {name!r}")
-    n_synthetic = len(synthetic_to_train)
-    tau_copies, tau_memorized, implied_copies, implied_memorized = calibration_thresholds(
-        name, halves, percentile, n_synthetic
-    )
-    is_copy = synthetic_to_train.exceeds(tau_copies)
-    is_memorized = train_to_synthetic.exceeds(tau_memorized)
-    _, memorized_patients = patients_memorized(train_patient_ids, is_memorized)
-    measured_copies, measured_memorized = measured_false_positive_rates(name, halves, percentile)
+    tau_copies, tau_memorized, implied_copies, implied_memorized = thresholds(name, searches, percentile)
+    is_copy = searches.synthetic_to_train.exceeds(tau_copies)
+    is_memorized = searches.train_to_synthetic.exceeds(tau_memorized)
+    _, memorized_patients = patients_memorized(searches.train_patient_ids, is_memorized)
+    n_train, n_draws = len(is_memorized), searches.n_synthetic
+
+    def flag_rates(pairs: TopPairs, novel_groups: np.ndarray, resampled: str):
+        rows, cols = pairs.above(tau_memorized)
+        return tuple(statistics.memorized_rate_interval(rows, cols, n_train, novel_groups, n_draws, groups, resampled)
+                     for groups in (None, searches.train_patient_ids))
+
+    fpr_memorized, fpr_memorized_patients = flag_rates(searches.eval_pairs, searches.eval_patient_ids,
+                                                       "evaluation patients")
+    generator_copies = generator_memorized = None
+    if searches.null_to_train is not None:
+        generator_copies = statistics.share(searches.null_to_train.exceeds(tau_copies))
+        # each null sample is its own group: a generator's samples are independent draws
+        generator_memorized, _ = flag_rates(searches.null_pairs, np.arange(len(searches.null_to_train)),
+                                            "generator-null samples")
     return Calibration(
         name=name,
         threshold_copies=tau_copies,
@@ -376,9 +430,23 @@ def calibrate(
         is_memorized_patient=memorized_patients,
         implied_fpr_copies=implied_copies,
         implied_fpr_memorized=implied_memorized,
-        measured_fpr_copies=measured_copies,
-        measured_fpr_memorized=measured_memorized,
+        copies=statistics.share(is_copy),
+        memorized=statistics.share(is_memorized, searches.train_patient_ids),
+        memorized_patients=statistics.share(memorized_patients),
+        fpr_copies=statistics.share(searches.eval_to_train.exceeds(tau_copies), searches.eval_patient_ids),
+        fpr_memorized=fpr_memorized,
+        fpr_memorized_patients=fpr_memorized_patients,
+        generator_fpr_copies=generator_copies,
+        generator_fpr_memorized=generator_memorized,
     )
+
+
+def patients_memorized(train_patient_ids: np.ndarray, is_memorized: np.ndarray):
+    """(patients (p,) sorted unique ids, (p,) bool: any of the patient's training samples memorized)."""
+    patients, inverse = np.unique(train_patient_ids, return_inverse=True)
+    memorized = np.zeros(len(patients), dtype=bool)
+    np.logical_or.at(memorized, inverse, is_memorized)
+    return patients, memorized
 
 
 def patient_rows(train_patient_ids: np.ndarray, is_memorized: np.ndarray, best_scores: np.ndarray) -> list[dict]:
@@ -404,23 +472,29 @@ def roc_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def detection_figures(is_positive: np.ndarray, is_flagged: np.ndarray, scores: np.ndarray) -> dict:
+def detection_figures(is_positive: np.ndarray, is_flagged: np.ndarray, scores: np.ndarray, seed: int = 0) -> dict:
     """Sensitivity, specificity, precision (fractions; None where undefined) and ROC AUC of scores, of flags
-    against a known truth."""
+    against a known truth, each with a 95 % interval in ``ci95`` (Wilson; the AUC by a stratified bootstrap)."""
     is_positive, is_flagged = np.asarray(is_positive, dtype=bool), np.asarray(is_flagged, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
     true_pos = int((is_positive & is_flagged).sum())
     false_pos = int((~is_positive & is_flagged).sum())
     n_pos, n_neg = int(is_positive.sum()), int((~is_positive).sum())
-    return {
-        "n_positive": n_pos,
-        "n_negative": n_neg,
-        "true_positives": true_pos,
-        "false_positives": false_pos,
-        "sensitivity": true_pos / n_pos if n_pos else None,
-        "specificity": (n_neg - false_pos) / n_neg if n_neg else None,
-        "precision": true_pos / (true_pos + false_pos) if true_pos + false_pos else None,
-        "roc_auc": roc_auc(scores[is_positive], scores[~is_positive]) if n_pos and n_neg else None,
-    }
+    rates = {"sensitivity": (true_pos, n_pos), "specificity": (n_neg - false_pos, n_neg),
+             "precision": (true_pos, true_pos + false_pos)}
+    figures = {"n_positive": n_pos, "n_negative": n_neg, "true_positives": true_pos, "false_positives": false_pos}
+    ci95 = {}
+    for key, (hits, total) in rates.items():
+        figures[key] = hits / total if total else None
+        if total:
+            ci95[key] = list(statistics.wilson_interval(hits, total))
+    figures["roc_auc"] = None
+    if n_pos and n_neg:
+        figures["roc_auc"] = roc_auc(scores[is_positive], scores[~is_positive])
+        ci95["roc_auc"] = list(statistics.auc_interval(scores[is_positive], scores[~is_positive], roc_auc, seed))
+    figures["ci95"] = ci95
+    figures["ci_method"] = {key: statistics.AUC_BOOTSTRAP if key == "roc_auc" else statistics.WILSON for key in ci95}
+    return figures
 
 
 def label_agreement(is_copy_label: np.ndarray, pair_scores: np.ndarray, threshold: float) -> dict:

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.audit import metrics
-from raymem.audit.embeddings import run_audit
+from raymem.audit import metrics, statistics
+from raymem.audit.embeddings import evaluation_split, run_audit
+from raymem.audit.images import numeric_items
 
 
 def write_embeddings(path, embeddings: np.ndarray, prefix: str, rows_per_patient: int | None = 2) -> str:
@@ -32,43 +35,49 @@ def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return standardized(x) @ standardized(y).T
 
 
-def reference_audit(train, val, synthetic, train_patients, halves, percentile, k):
+def flag_rate(scores: np.ndarray, threshold: float, n_draws: int, groups: np.ndarray | None = None) -> float:
+    """Brute force from the definition: per training unit (image, or patient = all its rows), c = evaluation samples
+    scoring above threshold with it, rate 1 - C(n - c, m) / C(n, m) (m <= n) or 1 - (1 - c / n) ** m; the mean."""
+    above = scores > threshold  # (n_train, n_eval)
+    if groups is not None:
+        above = np.array([above[groups == g].any(axis=0) for g in np.unique(groups)])
+    n = above.shape[1]
+    rates = [1 - math.comb(n - c, n_draws) / math.comb(n, n_draws) if n_draws <= n else 1 - (1 - c / n) ** n_draws
+             for c in above.sum(axis=1)]
+    return float(np.mean(rates))
+
+
+def reference_audit(train, val, test, synthetic, train_patients, percentile, k):
     """Every figure of the audit, straight from the definitions on the full float64 score matrices."""
-    syn_train, train_val = pearson(synthetic, train), pearson(train, val)
+    syn_train, train_val, train_test = pearson(synthetic, train), pearson(train, val), pearson(train, test)
     n_synthetic = len(synthetic)
-
-    def thresholds(name, train_val_part, n_judged):
-        if name == "paper":
-            tau = np.percentile(train_val_part.max(axis=1), percentile)
-            return tau, tau
-        return (np.percentile(train_val_part.max(axis=0), percentile),
-                np.quantile(train_val_part.ravel(), (percentile / 100) ** (1 / n_judged)))
-
     figures = {"top_k": np.argsort(-syn_train, axis=1, kind="stable")[:, :k].tolist()}
     for name in ("paper", "matched"):
-        tau_copies, tau_memorized = thresholds(name, train_val, n_synthetic)
-        is_copy, is_memorized = syn_train.max(axis=1) > tau_copies, syn_train.max(axis=0) > tau_memorized
-        patients = np.unique(train_patients)
-        fpr_copies, fpr_memorized = [], []
-        for calibrate, held_out in (halves, halves[::-1]):
-            held_tau_copies, held_tau_memorized = thresholds(name, train_val[:, calibrate], len(held_out))
-            fpr_copies.append((train_val[:, held_out].max(axis=0) > held_tau_copies).mean())
-            fpr_memorized.append((train_val[:, held_out].max(axis=1) > held_tau_memorized).mean())
         if name == "paper":
+            tau_copies = tau_memorized = np.percentile(train_val.max(axis=1), percentile)
             implied = [(train_val.max(axis=1) > tau_copies).mean()] * 2
         else:
+            tau_copies = np.percentile(train_val.max(axis=0), percentile)
+            tau_memorized = np.quantile(train_val.ravel(), (percentile / 100) ** (1 / n_synthetic))
             tail = (train_val.ravel() > tau_memorized).mean()
             implied = [(train_val.max(axis=0) > tau_copies).mean(), 1 - (1 - tail) ** n_synthetic]
+        is_copy, is_memorized = syn_train.max(axis=1) > tau_copies, syn_train.max(axis=0) > tau_memorized
+        patients = np.unique(train_patients)
+        n_memorized_patients = sum(is_memorized[train_patients == p].any() for p in patients)
         figures[name] = {
             "threshold_copies": tau_copies,
             "threshold_memorized": tau_memorized,
             "is_copy": is_copy.tolist(),
             "is_memorized": is_memorized.tolist(),
-            "n_memorized_patients": sum(is_memorized[train_patients == p].any() for p in patients),
+            "n_memorized_patients": n_memorized_patients,
+            "pct_copies": 100 * is_copy.mean(),
+            "pct_memorized_train": 100 * is_memorized.mean(),
+            "pct_memorized_patients": 100 * n_memorized_patients / len(patients),
             "implied_fpr_copies": implied[0],
             "implied_fpr_memorized": implied[1],
-            "measured_fpr_copies": np.mean(fpr_copies),
-            "measured_fpr_memorized": np.mean(fpr_memorized),
+            "measured_fpr_copies": (train_test.max(axis=0) > tau_copies).mean(),
+            "measured_fpr_memorized": flag_rate(train_test, tau_memorized, n_synthetic),
+            "measured_fpr_memorized_patients": flag_rate(train_test, tau_memorized, n_synthetic, train_patients),
         }
     return figures
 
@@ -85,8 +94,10 @@ def observed_audit(result, calibration_runs):
             "threshold_memorized": calibration["threshold_memorized"],
             "is_copy": [v for v, kind in zip(rows["is_copy"].to_pylist(), rows["kind"].to_pylist()) if kind == "synthetic"],
             "is_memorized": [v for v, kind in zip(rows["is_memorized"].to_pylist(), rows["kind"].to_pylist()) if kind == "train"],
-            **{key: calibration[key] for key in ("n_memorized_patients", "implied_fpr_copies", "implied_fpr_memorized",
-                                                  "measured_fpr_copies", "measured_fpr_memorized")},
+            **{key: calibration[key] for key in ("n_memorized_patients", "pct_copies", "pct_memorized_train",
+                                                  "pct_memorized_patients", "implied_fpr_copies",
+                                                  "implied_fpr_memorized", "measured_fpr_copies",
+                                                  "measured_fpr_memorized", "measured_fpr_memorized_patients")},
         }
     return figures
 
@@ -126,6 +137,7 @@ def test_audit_equals_float64_reference_with_planted_near_duplicates(tmp_path, n
                                                                        percentile, block_rows):
     rng = np.random.default_rng(n_train)
     train, val = rng.standard_normal((n_train, d)), rng.standard_normal((n_val, d))
+    test = np.concatenate([rng.standard_normal((n_val - 10, d)), train[:10] + 0.3 * rng.standard_normal((10, d))])
     train_patients = np.array([f"tp{i // 2}" for i in range(n_train)])
     tau = np.percentile(pearson(train, val).max(axis=1), percentile)
     duplicated = rng.choice(n_train, 40, replace=False)
@@ -136,13 +148,13 @@ def test_audit_equals_float64_reference_with_planted_near_duplicates(tmp_path, n
     ]).astype(np.float32)
     uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
             for name, data, prefix in (("train", train, "t"), ("val", val, "v"), ("synthetic", synthetic, "s"))]
-    halves = metrics.split_by_patient(np.array([f"vp{i // 2}" for i in range(n_val)]), np.random.default_rng(0))
-    expected = reference_audit(train.astype(np.float32), val.astype(np.float32), synthetic, train_patients, halves,
+    test_uri = write_embeddings(tmp_path / "test.parquet", test, "e")
+    expected = reference_audit(*(x.astype(np.float32) for x in (train, val, test)), synthetic, train_patients,
                                percentile, k)
     assert np.abs(pearson(synthetic, train.astype(np.float32)).max(axis=1) - expected["paper"]["threshold_copies"]).min() < 1e-6
 
-    runs = {name: run_audit(*uris, percentile=percentile, top_k=k, calibration=name, block_rows=block_rows,
-                            progress=False) for name in ("paper", "matched")}
+    runs = {name: run_audit(*uris, test_uri=test_uri, percentile=percentile, top_k=k, calibration=name,
+                            block_rows=block_rows, progress=False) for name in ("paper", "matched")}
 
     assert_same_figures(observed_audit(runs["paper"], runs), expected)
 
@@ -158,15 +170,16 @@ def test_ties_and_scores_exactly_at_the_threshold_follow_the_definitions(tmp_pat
             row[rng.permutation(16)[:8]] = -1
         return rows
 
-    train, val, synthetic = signs(200), signs(80), signs(150)
+    train, val, test, synthetic = signs(200), signs(80), signs(90), signs(150)
     uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
             for name, data, prefix in (("train", train, "t"), ("val", val, "v"), ("synthetic", synthetic, "s"))]
-    halves = metrics.split_by_patient(np.array([f"vp{i // 2}" for i in range(80)]), np.random.default_rng(0))
-    expected = reference_audit(train, val, synthetic, np.array([f"tp{i // 2}" for i in range(200)]), halves, 80.0, 4)
+    test_uri = write_embeddings(tmp_path / "test.parquet", test, "e")
+    expected = reference_audit(train, val, test, synthetic, np.array([f"tp{i // 2}" for i in range(200)]), 80.0, 4)
     assert (pearson(synthetic, train).max(axis=1) == expected["paper"]["threshold_copies"]).any()
+    assert (pearson(test, train).max(axis=1) == expected["matched"]["threshold_copies"]).any()
 
-    runs = {name: run_audit(*uris, percentile=80.0, top_k=4, calibration=name, block_rows=37, progress=False)
-            for name in ("paper", "matched")}
+    runs = {name: run_audit(*uris, test_uri=test_uri, percentile=80.0, top_k=4, calibration=name, block_rows=37,
+                            progress=False) for name in ("paper", "matched")}
 
     assert_same_figures(observed_audit(runs["paper"], runs), expected)
 
@@ -217,9 +230,27 @@ def test_planted_copies_are_found_and_scored_against_the_truth(tmp_path):
     uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 32)), prefix)
             for name, n, prefix in (("train", 400, "t"), ("val", 100, "v"), ("synthetic", 300, "s"))]
 
-    figures = run_audit(*uris, calibration="matched", plant_copies=30, progress=False).metrics
+    planted = run_audit(*uris, calibration="matched", plant_copies=30, progress=False).metrics["planted"]
 
-    assert (figures["sensitivity"], figures["roc_auc"], figures["planted_copies"]["source_top1_rate"]) == (1.0, 1.0, 1.0)
+    assert (planted["n_copies"], planted["n_novel"], planted["sensitivity"], planted["roc_auc"],
+            planted["source_top1_rate"]) == (30, 30, 1.0, 1.0, 1.0)
+
+
+def test_planted_samples_stay_out_of_the_generators_figures(tmp_path):
+    """Planted copies of training images must not count as the generator's copies, flag training images or
+    patients, or change the number of draws of the matched memorized threshold."""
+    rng = np.random.default_rng(15)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 32)), prefix)
+            for name, n, prefix in (("train", 400, "t"), ("val", 100, "v"), ("synthetic", 120, "s"))]
+    test_uri = write_embeddings(tmp_path / "test.parquet", rng.standard_normal((100, 32)), "e")
+    bare = run_audit(*uris, test_uri=test_uri, calibration="matched", progress=False).metrics
+
+    planted = run_audit(*uris, test_uri=test_uri, calibration="matched", plant_copies=40, progress=False).metrics
+
+    headline = ("n_synthetic", "n_copies", "n_memorized_train", "n_memorized_patients", "threshold_memorized",
+                "measured_fpr_memorized")
+    assert ({key: planted[key] for key in headline}, planted["planted"]["sensitivity"]) == (
+        {key: bare[key] for key in headline}, 1.0)
 
 
 def test_hand_labels_are_compared_with_the_audit_decision(tmp_path):
@@ -255,7 +286,7 @@ def test_validation_patients_seen_in_training_are_refused(tmp_path):
     uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((10, 8)), "x")
             for name in ("train", "val", "synthetic")]
 
-    with pytest.raises(ValueError, match="validation patients must not appear in training"):
+    with pytest.raises(ValueError, match="val patients must not appear in train"):
         run_audit(*uris, progress=False)
 
 
@@ -279,19 +310,135 @@ def test_detection_figures_count_against_the_truth():
     )
 
 
-def test_known_copies_already_in_the_synthetic_set_are_scored_and_listed(tmp_path):
+def test_known_copies_embedded_apart_are_scored_and_listed(tmp_path):
     rng = np.random.default_rng(10)
     train = rng.standard_normal((200, 16))
-    synthetic = np.concatenate([train[[7, 3]] + 0.01 * rng.standard_normal((2, 16)), rng.standard_normal((100, 16))])
+    planted = np.concatenate([train[[7, 3]] + 0.01 * rng.standard_normal((2, 16)), rng.standard_normal((2, 16))])
     uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
             for name, data, prefix in (("train", train, "t"), ("val", rng.standard_normal((60, 16)), "v"),
+                                       ("synthetic", rng.standard_normal((100, 16)), "s"))]
+    planted_uri = write_embeddings(tmp_path / "planted.parquet", planted, "k", rows_per_patient=None)
+
+    result = run_audit(*uris, planted_uri=planted_uri, planted={"k0": "t7", "k1": "t3"}, planted_novel=["k2", "k3"],
+                       progress=False)
+
+    rows = result.matches.filter(pa.compute.equal(result.matches["kind"], "planted"))
+    assert (result.metrics["planted"]["sensitivity"], result.metrics["planted"]["source_top1_rate"],
+            rows["planted_from"].to_pylist(), result.metrics["n_synthetic"]) == (1.0, 1.0, ["t7", "t3", None, None], 100)
+
+
+def test_measured_copy_rate_is_the_share_of_test_samples_above_the_threshold_in_use(tmp_path):
+    rng = np.random.default_rng(11)
+    train, val = rng.standard_normal((300, 16)), rng.standard_normal((80, 16))
+    test = np.concatenate([rng.standard_normal((70, 16)), train[:10] + 0.2 * rng.standard_normal((10, 16))])
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", val, "v"),
+                                       ("synthetic", rng.standard_normal((90, 16)), "s"))]
+    test_uri = write_embeddings(tmp_path / "test.parquet", test, "e", rows_per_patient=4)
+
+    figures = {name: run_audit(*uris, test_uri=test_uri, calibration=name, progress=False).metrics
+               for name in ("paper", "matched")}
+
+    best = pearson(test, train).max(axis=1)
+    for name, audit in figures.items():
+        expected = (best > audit["threshold_copies"]).mean()
+        lo, hi = audit["ci95"]["measured_fpr_copies"]
+        assert (audit["fpr_source"], audit["n_eval"], audit["measured_fpr_copies"]) == ("test", 80, expected)
+        assert lo < expected < hi
+
+
+def test_headline_figures_carry_intervals_that_hold_them(tmp_path):
+    rng = np.random.default_rng(12)
+    train = rng.standard_normal((200, 16))
+    synthetic = np.concatenate([train[:20] + 0.05 * rng.standard_normal((20, 16)), rng.standard_normal((40, 16))])
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", rng.standard_normal((80, 16)), "v"),
+                                       ("synthetic", synthetic, "s"))]
+    test_uri = write_embeddings(tmp_path / "test.parquet", rng.standard_normal((80, 16)), "e")
+
+    audit = run_audit(*uris, test_uri=test_uri, progress=False).metrics
+
+    figures = ("pct_copies", "pct_memorized_train", "pct_memorized_patients", "measured_fpr_copies",
+               "measured_fpr_memorized", "measured_fpr_memorized_patients")
+    assert all(audit["ci95"][key][0] <= audit[key] <= audit["ci95"][key][1] and key in audit["ci_method"]
+               for key in figures), {key: (audit[key], audit["ci95"].get(key)) for key in figures}
+    assert audit["ci95"]["pct_copies"] == pytest.approx(
+        [100 * bound for bound in statistics.wilson_interval(audit["n_copies"], 60)])
+
+
+def test_the_reference_is_the_generators_own_training_set(tmp_path):
+    """Copies of images outside the generator's training set are not its memorization; n_train and n_patients
+    count its own training set."""
+    rng = np.random.default_rng(13)
+    train = rng.standard_normal((200, 16))
+    synthetic = np.concatenate([train[[1, 2, 150]] + 0.01 * rng.standard_normal((3, 16)),
+                                rng.standard_normal((40, 16))])
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", rng.standard_normal((80, 16)), "v"),
                                        ("synthetic", synthetic, "s"))]
 
-    result = run_audit(*uris, planted={"s0": "t7", "s1": "t3"}, progress=False)
+    audit = run_audit(*uris, reference_ids=[f"t{i}" for i in range(16)], calibration="matched",
+                      progress=False).metrics
 
-    planted_from = result.matches["planted_from"].to_pylist()[:3]
-    assert (result.metrics["sensitivity"], result.metrics["planted_copies"]["source_top1_rate"], planted_from) == (
-        1.0, 1.0, ["t7", "t3", None])
+    assert (audit["n_train"], audit["n_patients"], audit["n_memorized_train"], audit["reference"]["n_train_split"]) == (
+        16, 8, 2, 200)
+
+
+def test_without_a_test_split_one_validation_half_calibrates_and_the_other_evaluates(tmp_path):
+    rng = np.random.default_rng(14)
+    train, val = rng.standard_normal((150, 16)).astype(np.float32), rng.standard_normal((60, 16)).astype(np.float32)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", train, "t"), ("val", val, "v"),
+                                       ("synthetic", rng.standard_normal((50, 16)), "s"))]
+    calibrating, evaluating = evaluation_split(np.array([f"vp{i // 2}" for i in range(60)]), 3)
+
+    audit = run_audit(*uris, seed=3, progress=False).metrics
+
+    expected_tau = np.percentile(pearson(train, val[calibrating]).max(axis=1), 95)
+    expected_fpr = (pearson(val[evaluating], train).max(axis=1) > expected_tau).mean()
+    assert (audit["fpr_source"], audit["threshold"], audit["measured_fpr_copies"]) == pytest.approx(
+        ("val-half", expected_tau, expected_fpr), abs=1e-12)
+    assert any("no test split" in warning for warning in audit["warnings"])
+
+
+def test_few_evaluation_patients_give_a_warning(tmp_path):
+    rng = np.random.default_rng(16)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 16)), prefix)
+            for name, n, prefix in (("train", 100, "t"), ("val", 60, "v"), ("synthetic", 100, "s"))]
+    test_uri = write_embeddings(tmp_path / "test.parquet", rng.standard_normal((16, 16)), "e", rows_per_patient=2)
+
+    warnings = run_audit(*uris, test_uri=test_uri, progress=False).metrics["warnings"]
+
+    assert [w for w in warnings if "evaluation patients" in w] == [
+        "only 8 evaluation patients (fewer than 10): the measured false-positive rates are too uncertain to state; "
+        "see their 95 % intervals"]
+
+
+def test_generator_null_calibration_holds_the_null_samples_copy_rate(tmp_path):
+    """Smooth generated samples (a shared mean added) score high against everything: the generator-null's samples
+    show it, and its threshold holds their copy rate at the nominal 5 %."""
+    rng = np.random.default_rng(17)
+    shift = 2.0 * rng.standard_normal(16)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", data, prefix)
+            for name, data, prefix in (("train", rng.standard_normal((200, 16)) + shift, "t"),
+                                       ("val", rng.standard_normal((80, 16)) + shift, "v"),
+                                       ("synthetic", 0.3 * rng.standard_normal((60, 16)) + shift, "s"))]
+    null_uri = write_embeddings(tmp_path / "null.parquet", 0.3 * rng.standard_normal((100, 16)) + shift, "n",
+                                rows_per_patient=None)
+
+    calibrations = run_audit(*uris, null_uri=null_uri, calibration="generator", progress=False).metrics["calibrations"]
+
+    assert calibrations["paper"]["generator_fpr_copies"] > 0.5
+    assert calibrations["generator"]["generator_fpr_copies"] == pytest.approx(0.05, abs=0.011)
+
+
+def test_mlflow_names_carry_each_interval():
+    items = dict(numeric_items({"pct_copies": 37.5, "ci95": {"pct_copies": [24.3, 52.7]},
+                                "calibrations": {"paper": {"ci95": {"measured_fpr_copies": [0.01, 0.2]}}}}))
+
+    assert items == {"pct_copies": 37.5, "pct_copies_ci_lo": 24.3, "pct_copies_ci_hi": 52.7,
+                     "calibrations.paper.measured_fpr_copies_ci_lo": 0.01,
+                     "calibrations.paper.measured_fpr_copies_ci_hi": 0.2}
 
 
 def test_memorized_share_of_the_shared_subset_counts_only_its_members():

@@ -1,0 +1,201 @@
+"""Uncertainty and measured false-positive rates of the audit's figures (numpy only; no Ray).
+
+Every headline figure of an audit is a share of something: of the generator's samples (copies), of the training
+images or patients (memorized), of held-out evaluation samples (false positives). This module gives each its
+estimator and its 95 % interval; docs/statistics.md states the assumptions and the simulations behind them.
+
+- ``wilson_interval``: the Wilson score interval of a binomial share. ``design_effect`` widens it for shares of
+  samples that come in clusters (several images of one patient are not independent): Wilson at the effective
+  size n / deff, deff from the cluster-robust variance of the share (Kish; at least 1).
+- ``share``: a share with its interval, clustered or not, as a ``Share`` (estimate and interval in 0-1).
+- ``memorized_flag_rate``: the rate at which a training image (or patient) would be flagged as memorized by
+  ``n_draws`` novel samples, from the pairs in which real held-out samples score above the threshold. Per image
+  j with c_j of n evaluation samples above the threshold, the probability that n_draws of them drawn without
+  replacement hold at least one is 1 - C(n - c_j, n_draws) / C(n, n_draws): for independent evaluation samples an
+  unbiased estimate of 1 - (1 - q_j) ** n_draws, q_j the image's own single-draw rate (so images that are hubs
+  count as hubs, unlike a threshold that assumes one score distribution for all). With more draws than evaluation
+  samples it extrapolates with the plug-in 1 - (1 - c_j / n) ** n_draws.
+- ``memorized_rate_interval``: that rate with a Wilson interval at the effective size from a jackknife over
+  evaluation patients.
+- ``auc_interval``: a stratified percentile bootstrap of the ROC AUC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import gammaln
+from scipy.stats import norm
+
+CONFIDENCE = 0.95
+Z = float(norm.ppf(0.5 + CONFIDENCE / 2))  # 1.959963984540054
+BOOTSTRAP_DRAWS = 2000
+MIN_EVAL_PATIENTS = 10  # fewer evaluation patients than this: a stated rate gets a warning, not a silent number
+
+WILSON = "Wilson score interval"
+CLUSTERED_WILSON = "Wilson score interval at the effective sample size n / design effect (clusters: patients)"
+AUC_BOOTSTRAP = f"stratified percentile bootstrap over positives and negatives ({BOOTSTRAP_DRAWS} draws)"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A share in 0-1 with its 95 % interval [lo, hi] and how the interval was made."""
+
+    estimate: float
+    lo: float
+    hi: float
+    method: str
+
+    def scaled(self, factor: float) -> tuple[float, list[float]]:
+        """(estimate, [lo, hi]) in the figure's own units (factor 100 for percentages)."""
+        return self.estimate * factor, [self.lo * factor, self.hi * factor]
+
+
+def wilson_interval(successes: float, n: float, *, design_effect: float = 1.0) -> tuple[float, float]:
+    """The 95 % Wilson score interval (lo, hi) in 0-1 of successes out of n trials, at the effective size
+    n / design_effect. n = 0: (0, 1), nothing is known."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    n_eff = n / max(design_effect, 1.0)
+    z2 = Z * Z
+    centre = (p + z2 / (2 * n_eff)) / (1 + z2 / n_eff)
+    half = Z * math.sqrt(p * (1 - p) / n_eff + z2 / (4 * n_eff * n_eff)) / (1 + z2 / n_eff)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def design_effect(flags: np.ndarray, clusters: np.ndarray) -> float:
+    """Kish's design effect of the share mean(flags) when samples come in clusters: the cluster-robust (ratio
+    estimator) variance over the binomial one, at least 1; 1 when the share is 0 or 1 or there is one cluster.
+
+    flags (n,) bool or 0/1; clusters (n,) any hashable labels.
+    """
+    flags = np.asarray(flags, dtype=np.float64)
+    n = len(flags)
+    p = flags.mean() if n else 0.0
+    _, inverse = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+    n_clusters = int(inverse.max()) + 1 if n else 0
+    if n_clusters < 2 or p in (0.0, 1.0):
+        return 1.0
+    totals = np.bincount(inverse, weights=flags, minlength=n_clusters)
+    sizes = np.bincount(inverse, minlength=n_clusters)
+    robust = n_clusters / (n_clusters - 1) * np.sum((totals - p * sizes) ** 2) / n**2
+    return max(1.0, float(robust / (p * (1 - p) / n)))
+
+
+def share(flags: np.ndarray, clusters: np.ndarray | None = None) -> Share:
+    """mean(flags) with its 95 % Wilson interval; clustered (clusters given) at the effective sample size."""
+    flags = np.asarray(flags, dtype=bool)
+    n, successes = len(flags), int(flags.sum())
+    estimate = successes / n if n else 0.0
+    if clusters is None:
+        return Share(estimate, *wilson_interval(successes, n), WILSON)
+    deff = design_effect(flags, clusters)
+    return Share(estimate, *wilson_interval(successes, n, design_effect=deff), CLUSTERED_WILSON)
+
+
+def _log_choose(n: np.ndarray, k: int) -> np.ndarray:
+    return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+
+
+def flag_probability(counts: np.ndarray, n_eval: np.ndarray | int, n_draws: int) -> np.ndarray:
+    """Probability that n_draws novel samples flag a unit, from counts (...,) of n_eval evaluation samples above
+    the threshold: 1 - C(n_eval - c, n_draws) / C(n_eval, n_draws) when n_draws <= n_eval (unbiased for
+    independent evaluation samples), else the plug-in 1 - (1 - c / n_eval) ** n_draws. Shapes broadcast."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n_eval = np.broadcast_to(np.asarray(n_eval, dtype=np.float64), counts.shape)
+    out = np.zeros(counts.shape)
+    exact = n_eval >= n_draws
+    free = n_eval - counts
+    zero_chance = exact & (free < n_draws)  # every n_draws-subset holds an exceedance
+    out[zero_chance] = 1.0
+    hyper = exact & ~zero_chance & (counts > 0)
+    out[hyper] = 1.0 - np.exp(_log_choose(free[hyper], n_draws) - _log_choose(n_eval[hyper], n_draws))
+    plug = ~exact & (n_eval > 0)
+    out[plug] = 1.0 - (1.0 - counts[plug] / n_eval[plug]) ** n_draws
+    return out
+
+
+def _unit_counts(pair_units: np.ndarray, pair_cols: np.ndarray, n_units: int, col_weights: np.ndarray) -> np.ndarray:
+    """(B, n_units) weighted counts of distinct evaluation columns above the threshold per unit, one row per
+    weight vector (B, n_eval)."""
+    key = np.unique(np.stack([pair_units, pair_cols]), axis=1)  # a column counts once per unit (patient units)
+    counts = np.zeros((col_weights.shape[0], n_units))
+    if key.shape[1]:
+        np.add.at(counts.T, key[0], col_weights[:, key[1]].T)
+    return counts
+
+
+def memorized_flag_rate(pair_rows: np.ndarray, pair_cols: np.ndarray, n_train: int, n_eval: int, n_draws: int,
+                        train_groups: np.ndarray | None = None) -> float:
+    """The rate (0-1) at which a training image, or a training patient (train_groups (n_train,) labels), would be
+    flagged as memorized by n_draws novel samples.
+
+    pair_rows, pair_cols (p,): every (training row, evaluation row) pair whose score is strictly above the
+    threshold. A patient is flagged when a novel sample scores above the threshold with any of its images.
+    """
+    units, n_units = _units(pair_rows, n_train, train_groups)
+    counts = _unit_counts(units, np.asarray(pair_cols, dtype=np.int64), n_units, np.ones((1, n_eval)))[0]
+    return float(flag_probability(counts, n_eval, n_draws).mean()) if n_units else 0.0
+
+
+def _units(pair_rows: np.ndarray, n_train: int, train_groups: np.ndarray | None) -> tuple[np.ndarray, int]:
+    pair_rows = np.asarray(pair_rows, dtype=np.int64)
+    if train_groups is None:
+        return pair_rows, n_train
+    _, inverse = np.unique(np.asarray(train_groups).astype(str), return_inverse=True)
+    return inverse[pair_rows], int(inverse.max()) + 1 if len(inverse) else 0
+
+
+def memorized_rate_interval(pair_rows: np.ndarray, pair_cols: np.ndarray, n_train: int, eval_groups: np.ndarray,
+                            n_draws: int, train_groups: np.ndarray | None = None,
+                            resampled: str = "evaluation patients") -> Share:
+    """``memorized_flag_rate`` with its 95 % interval: the delete-one-group jackknife over the evaluation samples'
+    groups (patients; or each sample alone when eval_groups are all distinct) gives the standard error, and the
+    interval is Wilson's at the effective size rate (1 - rate) / se^2 (so it stays inside 0-1 and is not
+    symmetric near 0). The jackknife keeps every evaluation sample distinct, which the flag probability's
+    without-replacement form needs (a with-replacement bootstrap duplicates samples and biases it down).
+
+    With no evaluation sample above the threshold the upper bound is the rate of a unit whose single-draw rate is
+    the Wilson upper bound for 0 of n_eval (one unit's worst case).
+    """
+    eval_groups = np.asarray(eval_groups).astype(str)
+    n_eval = len(eval_groups)
+    method = f"Wilson score interval at the effective size from a delete-one jackknife over {resampled}"
+    units, n_units = _units(pair_rows, n_train, train_groups)
+    cols = np.asarray(pair_cols, dtype=np.int64)
+    if len(cols) == 0 or n_units == 0:
+        upper = 1.0 - (1.0 - wilson_interval(0, n_eval)[1]) ** n_draws
+        return Share(0.0, 0.0, upper, f"{method}; none above the threshold: upper bound from the Wilson bound for "
+                                      "0 of n_eval")
+    key = np.unique(np.stack([units, cols]), axis=1)  # a column counts once per unit
+    flagged_units, unit_index = np.unique(key[0], return_inverse=True)
+    groups, group_of = np.unique(eval_groups, return_inverse=True)
+    contributions = np.zeros((len(groups), len(flagged_units)))
+    np.add.at(contributions, (group_of[key[1]], unit_index), 1.0)
+    counts = contributions.sum(axis=0)
+    estimate = float(flag_probability(counts, n_eval, n_draws).sum() / n_units)
+    if len(groups) < 2:
+        return Share(estimate, 0.0, 1.0, f"{method}; one group: no interval")
+    group_sizes = np.bincount(group_of, minlength=len(groups))
+    left_out = flag_probability(counts[None, :] - contributions, (n_eval - group_sizes)[:, None],
+                                n_draws).sum(axis=1) / n_units
+    n_groups = len(groups)
+    se = math.sqrt((n_groups - 1) / n_groups * np.sum((left_out - left_out.mean()) ** 2))
+    if estimate in (0.0, 1.0) or se == 0.0:
+        return Share(estimate, *wilson_interval(estimate * n_eval, n_eval), method)
+    n_effective = estimate * (1 - estimate) / se**2
+    return Share(estimate, *wilson_interval(estimate * n_effective, n_effective), method)
+
+
+def auc_interval(positive_scores: np.ndarray, negative_scores: np.ndarray, auc_fn, seed: int = 0) -> tuple[float, float]:
+    """95 % stratified percentile bootstrap interval of auc_fn(positives, negatives)."""
+    rng = np.random.default_rng(seed)
+    positive_scores, negative_scores = np.asarray(positive_scores), np.asarray(negative_scores)
+    values = [auc_fn(positive_scores[rng.integers(0, len(positive_scores), len(positive_scores))],
+                     negative_scores[rng.integers(0, len(negative_scores), len(negative_scores))])
+              for _ in range(BOOTSTRAP_DRAWS // 4)]
+    lo, hi = np.percentile(values, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return float(lo), float(hi)
