@@ -28,18 +28,23 @@ REQUIRED_METRICS = (
     "threshold", "percentile", "n_train", "n_val", "n_synthetic", "n_memorized_train", "pct_memorized_train",
     "n_copies", "pct_copies", "n_patients", "pct_memorized_patients",
 )
-# Optional metrics shown when present; all are fractions in [0, 1] (the pct_* metrics are the percentages).
-OPTIONAL_FRACTION_METRICS = (
-    ("implied_fpr", "Implied false-positive rate at tau"),
-    ("sensitivity", "Planted-copy sensitivity"),
-    ("specificity", "Planted-copy specificity"),
-    ("precision", "Planted-copy precision"),
-    ("roc_auc", "Planted-copy ROC AUC"),
+# Measured false-positive rates shown when present (fractions in [0, 1]; pct_* metrics are the percentages).
+FPR_METRICS = (
+    ("measured_fpr_copies", "Measured false-positive rate, copies (evaluation samples above tau)"),
+    ("measured_fpr_memorized", "Measured false-positive rate, memorized images (n_synthetic novel draws)"),
+    ("measured_fpr_memorized_patients", "Measured false-positive rate, memorized patients"),
+    ("generator_fpr_copies", "Generator-null samples flagged as copies"),
+    ("implied_fpr", "Implied false-positive rate at tau (in-sample, by construction)"),
 )
+PLANTED_METRICS = (("sensitivity", "Sensitivity (known copies flagged)"),
+                   ("specificity", "Specificity (known novel images not flagged)"),
+                   ("precision", "Precision"), ("roc_auc", "ROC AUC"))
 # What the null distribution behind tau is, and what tau means for false positives, per calibration.
 NULL_DESCRIPTIONS = {
     "paper": "each training sample's highest correlation with any validation sample",
     "matched": "each validation sample's highest correlation with any training sample",
+    "generator": "each generator-null sample's highest correlation with any training sample (a generator trained "
+                 "only on held-out patients)",
 }
 FALSE_POSITIVE_NOTES = {
     "paper": "By construction {tail:g} % of training samples have an unseen validation patient scoring above tau: "
@@ -47,8 +52,11 @@ FALSE_POSITIVE_NOTES = {
     "than the validation samples behind the null when there are more training than validation samples, so "
     "genuinely new samples cross tau more often than that; the matched calibration corrects for this.",
     "matched": "The null searches held-out validation samples among the same training samples the synthetic "
-    "samples are searched in, so about {tail:g} % of genuinely new samples score above tau: the implied "
+    "samples are searched in, so about {tail:g} % of genuinely new real images score above tau: the implied "
     "false-positive rate.",
+    "generator": "The null is the samples of the same generator trained only on held-out patients, searched among "
+    "the same training samples, so about {tail:g} % of a generator's novel samples score above tau even when "
+    "they are shifted from real images (smooth, low-texture samples).",
 }
 PATIENT_KEYS = ("patient_id", "n_train_images", "n_memorized", "best_score")
 # Nothing but embedded images and the inline style sheet may load: no scripts, fonts or network fetches.
@@ -56,6 +64,7 @@ CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5rem auto; max-width: 75rem; padding: 0 1rem; color: #222; }
+.warning { background: #fff3cd; border: 1px solid #e0b400; padding: 0.6rem 1rem; border-radius: 4px; }
 .banner { background: #b00020; color: #fff; padding: 0.8rem 1rem; font-weight: bold; border-radius: 4px; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
@@ -118,7 +127,7 @@ def render_report(
     missing = [key for key in REQUIRED_METRICS if key not in metrics]
     if missing:
         raise ValueError(f"metrics lacks {missing}: pass the metrics dict the audit wrote (metrics.json)")
-    threshold = float(metrics["threshold"])
+    threshold = float(metrics.get("threshold_copies", metrics["threshold"]))
     percentile = float(metrics["percentile"])
     calibration = str(metrics.get("calibration", "paper"))
     if calibration not in NULL_DESCRIPTIONS:
@@ -136,14 +145,19 @@ def render_report(
     )
     calibration_table = _calibrations_table(metrics.get("calibrations", {}))
     distribution_table = _distribution_table(metrics.get("distribution", {}))
+    planted_table = _planted_table(metrics.get("planted"))
+    warnings = "".join(f'<p class="warning">Warning: {_text(w)}</p>' for w in metrics.get("warnings", []))
     sections = [
         f"<h1>{_text(title)}</h1>",
         '<p class="banner">This report shows images of patients from the training data. Handle it as patient data: '
         "store and share it only where the training images themselves may go.</p>",
-        "<h2>Summary</h2>",
+        warnings,
+        "<h2>Summary: the generator's own samples against its training set</h2>",
         summary_table,
-        *(["<h2>Both calibrations, with false-positive rates measured on held-out patients</h2>", calibration_table]
-          if calibration_table else []),
+        *(["<h2>Every calibration, with false-positive rates measured on held-out patients at its own thresholds"
+           "</h2>", calibration_table] if calibration_table else []),
+        *(["<h2>Planted ground truth (scored apart: not in the figures above)</h2>", planted_table]
+          if planted_table else []),
         "<h2>How to read this</h2>",
         _how_to_read(percentile, calibration),
         "<h2>Score distributions</h2>",
@@ -163,25 +177,48 @@ def render_report(
     )
 
 
+def with_interval(value: float, interval: Sequence[float] | None, fmt: str = "{:.1f}", unit: str = " %") -> str:
+    """'37.5 % (95 % CI 24.3-52.7)': a figure with its interval, in the figure's own units."""
+    text = fmt.format(value) + unit
+    if interval is None:
+        return text
+    return f"{text} (95 % CI {fmt.format(interval[0])}-{fmt.format(interval[1])})"
+
+
 def _calibrations_table(calibrations: dict) -> str:
-    """One row per calibration (metrics['calibrations']): thresholds, figures, implied and measured FPR."""
-    columns = [("threshold_copies", "tau (copies)", "{:.4f}"), ("threshold_memorized", "tau (memorized)", "{:.4f}"),
-               ("pct_copies", "copies %", "{:.1f}"), ("pct_memorized_train", "memorized %", "{:.1f}"),
-               ("pct_memorized_patients", "patients %", "{:.1f}"), ("implied_fpr_copies", "implied FPR", "{:.3f}"),
-               ("measured_fpr_copies", "measured FPR (copies)", "{:.3f}"),
-               ("measured_fpr_memorized", "measured FPR (memorized)", "{:.3f}")]
-    rows = [[_text(name)] + [_text(fmt.format(float(figures[key]))) if figures.get(key) is not None else "–"
-                             for key, _, fmt in columns]
+    """One row per calibration (metrics['calibrations']): thresholds, figures and measured rates with intervals."""
+    columns = [("threshold_copies", "tau (copies)", "{:.4f}", ""), ("threshold_memorized", "tau (memorized)", "{:.4f}", ""),
+               ("pct_copies", "copies", "{:.1f}", " %"), ("pct_memorized_train", "memorized images", "{:.1f}", " %"),
+               ("pct_memorized_patients", "memorized patients", "{:.1f}", " %"),
+               ("measured_fpr_copies", "measured FPR copies", "{:.3f}", ""),
+               ("measured_fpr_memorized", "measured FPR memorized images", "{:.3f}", ""),
+               ("measured_fpr_memorized_patients", "measured FPR memorized patients", "{:.3f}", ""),
+               ("generator_fpr_copies", "generator-null flagged as copies", "{:.3f}", "")]
+    rows = [[_text(name)] + [_text(with_interval(float(figures[key]), figures.get("ci95", {}).get(key), fmt, unit))
+                             if figures.get(key) is not None else "–" for key, _, fmt, unit in columns]
             for name, figures in calibrations.items()]
-    return html_table(["calibration"] + [label for _, label, _ in columns], rows, table_id="calibrations",
-                  number_columns=set(range(1, len(columns) + 1))) if rows else ""
+    return html_table(["calibration"] + [column[1] for column in columns], rows, table_id="calibrations",
+                      number_columns=set(range(1, len(columns) + 1))) if rows else ""
+
+
+def _planted_table(planted: dict | None) -> str:
+    """The planted ground truth (metrics['planted']): counts, and detection figures with their intervals."""
+    if not planted:
+        return ""
+    rows = [["Known copies / known novel images", f"{planted['n_copies']} / {planted['n_novel']}"]]
+    for key, label in PLANTED_METRICS:
+        if planted.get(key) is not None:
+            rows.append([label, with_interval(float(planted[key]), planted.get("ci95", {}).get(key), "{:.3f}", "")])
+    return html_table(["Figure", "Value"], [[_text(a), _text(b)] for a, b in rows], table_id="planted")
 
 
 def _distribution_table(distribution: dict) -> str:
     """Mean and percentiles of the synthetic-to-train top-1 scores next to the nulls (metrics['distribution'])."""
     stats = ["mean", "p50", "p75", "p90", "p95", "p99"]
     labels = {"synthetic_top1": "synthetic -> nearest training", "null_train_to_val": "null: training -> nearest "
-              "validation", "null_val_to_train": "null: validation -> nearest training"}
+              "validation", "null_val_to_train": "null: validation -> nearest training",
+              "eval_to_train": "evaluation (held-out) -> nearest training",
+              "generator_null_to_train": "generator-null samples -> nearest training"}
     rows = [[_text(labels.get(name, name))] + [_text(f"{float(values[s]):.4f}") for s in stats]
             for name, values in distribution.items()]
     return html_table(["scores"] + stats, rows, table_id="distribution", number_columns=set(range(1, 7)))
@@ -274,31 +311,48 @@ def _histogram_png_data_uri(
 
 
 def _summary_rows(metrics: dict) -> list[tuple[str, str]]:
-    """(label, value) rows of the summary table, as plain text."""
-    rows = [
-        ("Threshold tau", f"{float(metrics['threshold']):.4f}"),
-        ("Percentile P of the null giving tau", f"{float(metrics['percentile']):g}"),
-    ]
-    if "calibration" in metrics:
-        rows.append(("Calibration", str(metrics["calibration"])))
+    """(label, value) rows of the summary table, as plain text; every figure with its 95 % interval when the
+    metrics carry one (``ci95``)."""
+    ci95 = metrics.get("ci95", {})
+    threshold_copies = float(metrics.get("threshold_copies", metrics["threshold"]))
+    rows = [("Calibration", str(metrics.get("calibration", "paper"))),
+            ("Threshold tau in use (copies)", f"{threshold_copies:.4f}")]
+    if "threshold_memorized" in metrics and metrics["threshold_memorized"] != threshold_copies:
+        rows.append(("Threshold tau in use (memorized images)", f"{float(metrics['threshold_memorized']):.4f}"))
     rows += [
-        ("Training samples", f"{int(metrics['n_train'])}"),
-        ("Validation samples", f"{int(metrics['n_val'])}"),
-        ("Synthetic samples", f"{int(metrics['n_synthetic'])}"),
-        ("Memorized training samples",
-         f"{int(metrics['n_memorized_train'])} ({float(metrics['pct_memorized_train']):.1f} %)"),
-        ("Copies among synthetic samples", f"{int(metrics['n_copies'])} ({float(metrics['pct_copies']):.1f} %)"),
-        ("Training patients", f"{int(metrics['n_patients'])}"),
-        ("Memorized patients", f"{float(metrics['pct_memorized_patients']):.1f} %"),
+        ("The paper's tau (P-th percentile of each training sample's best validation match)",
+         f"{float(metrics['threshold']):.4f}"),
+        ("Percentile P", f"{float(metrics['percentile']):g}"),
     ]
-    for key, label in OPTIONAL_FRACTION_METRICS:
-        if key in metrics:
+    reference = metrics.get("reference", {})
+    rows += [
+        ("Training set compared with", f"{reference.get('source', 'train split')}: {int(metrics['n_train'])} images"
+                                       f" of {int(metrics['n_patients'])} patients"),
+        ("Validation samples (calibration)", f"{int(metrics['n_val'])}"),
+    ]
+    if "n_eval" in metrics:
+        source = {"test": "test split (held-out patients)",
+                  "val-half": "half of the validation patients (no test split)"}.get(metrics.get("fpr_source"), "")
+        rows.append(("Evaluation samples (false-positive rates)",
+                     f"{int(metrics['n_eval'])} of {int(metrics.get('n_eval_patients', 0))} patients, {source}"))
+    rows += [
+        ("Generated samples", f"{int(metrics['n_synthetic'])}"),
+        ("Copies among generated samples",
+         f"{int(metrics['n_copies'])}: " + with_interval(float(metrics["pct_copies"]), ci95.get("pct_copies"))),
+        ("Memorized training images",
+         f"{int(metrics['n_memorized_train'])}: "
+         + with_interval(float(metrics["pct_memorized_train"]), ci95.get("pct_memorized_train"))),
+        ("Memorized patients", with_interval(float(metrics["pct_memorized_patients"]),
+                                             ci95.get("pct_memorized_patients"))),
+    ]
+    for key, label in FPR_METRICS:
+        if metrics.get(key) is not None:
             value = float(metrics[key])
             if not 0.0 <= value <= 1.0:
                 raise ValueError(
                     f"metrics['{key}'] = {value} is not a fraction in [0, 1]: pass fractions (pct_* hold percentages)"
                 )
-            rows.append((label, f"{value:.3f}"))
+            rows.append((label, with_interval(value, ci95.get(key), "{:.3f}", "")))
     return rows
 
 
@@ -311,7 +365,14 @@ def _how_to_read(percentile: float, calibration: str) -> str:
         FALSE_POSITIVE_NOTES[calibration].format(tail=100.0 - percentile),
         "A synthetic sample is a copy when its score with its most similar training sample is strictly greater "
         "than tau. A training sample is memorized when some synthetic sample scores strictly greater than tau with "
-        "it, and a patient is memorized when any of their training images is.",
+        "it, and a patient is memorized when any of their training images is. The figures describe the generator's "
+        "own samples against the images it trained on; planted copies are scored apart.",
+        "Every figure carries a 95 % interval: Wilson intervals for shares of generated samples and of patients, "
+        "widened for several images per patient (design effect) for shares of images, and a jackknife over "
+        "evaluation patients for the memorized false-positive rates. The false-positive rates are measured at the "
+        "thresholds in use on held-out patients that neither trained the generator nor set the threshold; they "
+        "assume generated novel samples resemble real held-out images, which the generator-null calibration "
+        "checks when it is given. Details: docs/statistics.md.",
         "A 3D volume, stored as (depth, height, width), appears as three orthogonal mid-slices side by side: the "
         "middle depth slice, the middle row, the middle column, one pixel per voxel (voxel spacing not applied).",
         "A score is evidence for review, not a verdict: look at the pairs side by side.",

@@ -19,9 +19,10 @@ METRICS = {
     "n_patients": 8, "pct_memorized_patients": 37.5,
 }
 REQUIRED_LABELS = [
-    "Threshold tau", "Percentile P of the null giving tau", "Training samples", "Validation samples",
-    "Synthetic samples", "Memorized training samples", "Copies among synthetic samples", "Training patients",
-    "Memorized patients",
+    "Calibration", "Threshold tau in use (copies)",
+    "The paper's tau (P-th percentile of each training sample's best validation match)", "Percentile P",
+    "Training set compared with", "Validation samples (calibration)", "Generated samples",
+    "Copies among generated samples", "Memorized training images", "Memorized patients",
 ]
 
 
@@ -87,8 +88,13 @@ def full_page() -> ParsedPage:
     rng = np.random.default_rng(1)
     image_2d = rng.normal(size=(1, 8, 10)).astype(np.float32)
     volume = rng.normal(size=(1, 4, 6, 8)).astype(np.float32)
-    metrics = METRICS | {"calibration": "paper", "implied_fpr": 0.05, "sensitivity": 0.9, "specificity": 0.95,
-                         "precision": 0.8, "roc_auc": 0.97}
+    metrics = METRICS | {
+        "calibration": "paper", "implied_fpr": 0.05, "n_eval": 40, "n_eval_patients": 10, "fpr_source": "test",
+        "measured_fpr_copies": 0.1, "ci95": {"pct_copies": [24.3, 52.7], "measured_fpr_copies": [0.04, 0.23]},
+        "warnings": ["only 9 calibration (val) patients"],
+        "planted": {"n_copies": 24, "n_novel": 24, "sensitivity": 0.875, "specificity": 0.9, "precision": 0.9,
+                    "roc_auc": 0.97, "ci95": {"sensitivity": [0.69, 0.96]}},
+    }
     pairs = [
         CopyPair("syn-2d", "train-2d", "patient-a", 0.99, image_2d + 0.01, image_2d),
         CopyPair("syn-3d", "train-3d", "patient-b", 0.97, volume, volume * 2.0),
@@ -108,12 +114,23 @@ def test_page_embeds_the_histogram_and_both_images_of_each_imaged_pair(full_page
     assert len(full_page.image_sources) == 1 + 2 + 2
 
 
-def test_summary_shows_optional_metrics_when_present(full_page):
-    labels = [row[0] for row in full_page.tables["summary"][1:]]
-    assert labels == REQUIRED_LABELS[:2] + ["Calibration"] + REQUIRED_LABELS[2:] + [
-        "Implied false-positive rate at tau", "Planted-copy sensitivity", "Planted-copy specificity",
-        "Planted-copy precision", "Planted-copy ROC AUC",
-    ]
+def test_summary_shows_intervals_and_evaluation_rates_when_present(full_page):
+    rows = {row[0]: row[1] for row in full_page.tables["summary"][1:]}
+    assert (rows["Copies among generated samples"],
+            rows["Measured false-positive rate, copies (evaluation samples above tau)"],
+            rows["Evaluation samples (false-positive rates)"]) == (
+        "12: 30.0 % (95 % CI 24.3-52.7)", "0.100 (95 % CI 0.040-0.230)", "40 of 10 patients, test split (held-out patients)")
+
+
+def test_warnings_are_shown_above_the_summary():
+    page = render(metrics=METRICS | {"warnings": ["only 8 evaluation patients (fewer than 10)"]})
+
+    assert '<p class="warning">Warning: only 8 evaluation patients (fewer than 10)</p>' in page.split("<table")[0]
+
+
+def test_planted_truth_is_shown_apart(full_page):
+    assert full_page.tables["planted"][1:3] == [["Known copies / known novel images", "24 / 24"],
+                                               ["Sensitivity (known copies flagged)", "0.875 (95 % CI 0.690-0.960)"]]
 
 
 def test_summary_omits_optional_metrics_when_absent():
