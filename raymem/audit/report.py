@@ -146,6 +146,7 @@ def render_report(
     calibration_table = _calibrations_table(metrics.get("calibrations", {}))
     distribution_table = _distribution_table(metrics.get("distribution", {}))
     planted_table = _planted_table(metrics.get("planted"))
+    heldout_table = _heldout_table(metrics.get("detector_heldout"))
     warnings = "".join(f'<p class="warning">Warning: {_text(w)}</p>' for w in metrics.get("warnings", []))
     sections = [
         f"<h1>{_text(title)}</h1>",
@@ -158,6 +159,8 @@ def render_report(
            "</h2>", calibration_table] if calibration_table else []),
         *(["<h2>Planted ground truth (scored apart: not in the figures above)</h2>", planted_table]
           if planted_table else []),
+        *(["<h2>The detector on copies it never trained on (sensitivity at 95 % specificity)</h2>", heldout_table]
+          if heldout_table else []),
         "<h2>How to read this</h2>",
         _how_to_read(percentile, calibration),
         "<h2>Score distributions</h2>",
@@ -210,6 +213,19 @@ def _planted_table(planted: dict | None) -> str:
         if planted.get(key) is not None:
             rows.append([label, with_interval(float(planted[key]), planted.get("ci95", {}).get(key), "{:.3f}", "")])
     return html_table(["Figure", "Value"], [[_text(a), _text(b)] for a, b in rows], table_id="planted")
+
+
+def _heldout_table(heldout: dict | None) -> str:
+    """metrics['detector_heldout']: per held-out copy family, sensitivity at 95 % specificity and ROC AUC."""
+    if not heldout:
+        return ""
+    rows = [[_text(name), _text(with_interval(f["sensitivity_at_95_specificity"],
+                                              f["ci95"].get("sensitivity_at_95_specificity"), "{:.3f}", "")),
+             _text(with_interval(f["roc_auc"], f["ci95"].get("roc_auc"), "{:.3f}", "")),
+             _text(f"{f['n_positive']} / {f['n_negative']}")]
+            for name, f in heldout["families"].items()]
+    return html_table(["copy family", "sensitivity at 95 % specificity", "ROC AUC", "copies / negatives"], rows,
+                      table_id="detector-heldout")
 
 
 def _distribution_table(distribution: dict) -> str:
