@@ -217,7 +217,7 @@ def _planted_table(planted: dict | None) -> str:
 
 def _heldout_table(heldout: dict | None) -> str:
     """metrics['detector_heldout']: per held-out copy family, sensitivity at 95 % specificity and ROC AUC."""
-    if not heldout:
+    if not heldout or "families" not in heldout:
         return ""
     rows = [[_text(name), _text(with_interval(f["sensitivity_at_95_specificity"],
                                               f["ci95"].get("sensitivity_at_95_specificity"), "{:.3f}", "")),

@@ -196,6 +196,6 @@ def auc_interval(positive_scores: np.ndarray, negative_scores: np.ndarray, auc_f
     positive_scores, negative_scores = np.asarray(positive_scores), np.asarray(negative_scores)
     values = [auc_fn(positive_scores[rng.integers(0, len(positive_scores), len(positive_scores))],
                      negative_scores[rng.integers(0, len(negative_scores), len(negative_scores))])
-              for _ in range(BOOTSTRAP_DRAWS // 4)]
+              for _ in range(BOOTSTRAP_DRAWS)]
     lo, hi = np.percentile(values, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
     return float(lo), float(hi)

@@ -6,7 +6,9 @@ One transform family serves both purposes; only the bounds differ (``TRANSFORM_P
 - ``"strong"``: the paper's set plus random resized crop, contrast/brightness, gamma, Gaussian noise and blur.
 - ``"copy"`` and ``"copy_strong"``: what a generative model might do to a training image it reproduces; the accuracy
   evaluation (``raymem.audit.accuracy``) transforms held-out images with them and asks the detector to find the
-  original. Every parameter is applied (p=1) except the flip, so each copy is transformed.
+  original. Every parameter is applied (p=1) except the flip, so each copy is transformed. Because the detector
+  trains on this family, scores on these copies are optimistic; ``raymem.models.heldout_copies`` holds copy families
+  it never trains on (elastic deformation, resolution loss, texture loss, the LDM autoencoder's round trip).
 
 Images are ``(B, C, *spatial)`` tensors with 2 or 3 spatial dimensions; one code path serves both (``affine_grid`` /
 ``grid_sample`` and separable convolutions switched by the number of spatial dimensions). Geometry works in pixel
@@ -164,7 +166,7 @@ def apply_transform(images: torch.Tensor, params: TransformParams, generator: to
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # Sampling (image - min) with zero padding fills the outside with the image's minimum (torchio's "minimum" pad).
     out = F.grid_sample(images - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + low
-    out = _gaussian_blur(out, params.blur_sigma_px)
+    out = gaussian_blur(out, params.blur_sigma_px)
 
     low = out.amin(dim=reduce_dims, keepdim=True)
     value_range = (out.amax(dim=reduce_dims, keepdim=True) - low).clamp_min(1e-6)
@@ -227,7 +229,7 @@ def _rotation_matrix(radians: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return matrices[2] @ matrices[1] @ matrices[0]
 
 
-def _gaussian_blur(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur, per-image sigma (B,) in pixels, replicate padding; sigma 0 leaves an image as is."""
     radius = math.ceil(3.0 * float(sigma_px.max()))
     if radius == 0:

@@ -28,7 +28,7 @@ def audited(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     dataset = str(root / "dataset")
     phantom_dataset(dataset, "xray2d", patients=24, images_per_patient=2, size=32, seed=0,
-                    cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.0}))
+                    cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.25}))
     generated = root / "generated"
     phantoms.write_files(str(generated), "xray2d", patients=10, images_per_patient=1, size=32, seed=99,
                          file_format="png", progress=False)
@@ -54,11 +54,14 @@ def audited(ray_cluster, tmp_path_factory):
 
 def test_metrics_follow_the_contract_and_count_every_sample(audited):
     metrics = json.loads(storage.read_bytes(f"{audited['out']}/metrics.json"))
+    splits = shards.read_manifest(audited["dataset"])["splits"]
 
-    assert metrics["n_synthetic"] == 10 + 3 + 6 + 6
-    assert metrics["n_train"] == shards.read_manifest(audited["dataset"])["splits"]["train"]["images"]
+    # the generator's own samples only (10 novel + 3 copies); the planted ones are counted apart
+    assert (metrics["n_synthetic"], metrics["planted"]["n_copies"], metrics["planted"]["n_novel"]) == (13, 6, 6)
+    assert (metrics["n_train"], metrics["n_eval"], metrics["fpr_source"]) == (
+        splits["train"]["images"], splits["test"]["images"], "test")
     assert {"threshold", "percentile", "pct_memorized_train", "pct_copies", "pct_memorized_patients",
-            "sensitivity", "specificity"} <= set(metrics)
+            "measured_fpr_copies", "ci95", "ci_method"} <= set(metrics)
 
 
 def test_verbatim_copies_from_another_generator_find_their_training_source(audited):
@@ -81,7 +84,8 @@ def test_planted_copies_are_recorded_and_scored(audited):
 
 def test_specificity_counts_only_the_planted_novel_images_as_negatives(audited):
     # The generator's 3 verbatim copies are real copies: they must not count as false alarms.
-    assert (audited["metrics"]["n_positive"], audited["metrics"]["n_negative"]) == (6, 6)
+    planted = audited["metrics"]["planted"]
+    assert (planted["n_positive"], planted["n_negative"]) == (6, 6)
 
 
 def test_report_and_mlflow_run_hold_the_audit(audited):
@@ -94,6 +98,8 @@ def test_report_and_mlflow_run_hold_the_audit(audited):
 
     assert run.info.status == "FINISHED" and "report.html" in artifacts
     assert run.data.metrics["pct_copies"] == pytest.approx(audited["metrics"]["pct_copies"])
+    assert [run.data.metrics[f"pct_copies_ci_{end}"] for end in ("lo", "hi")] == pytest.approx(
+        audited["metrics"]["ci95"]["pct_copies"])
     assert html.count("data:image/png;base64") >= 4
 
 
