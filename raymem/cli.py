@@ -100,7 +100,7 @@ def _train_ldm(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "out": args.out, "run_name": args.run_name, "preset": args.preset,
         "autoencoder_epochs": args.autoencoder_epochs, "diffusion_epochs": args.diffusion_epochs,
         "batch_size": args.batch_size, "num_workers": args.num_workers, "train_size": args.train_size,
-        "use_gpu": True if args.use_gpu else None,
+        "split": args.split, "use_gpu": True if args.use_gpu else None,
         "augment": {"enabled": args.augment == "on"} if args.augment else None})
     runtime.init_ray()
     result = train_ldm(cfg)
@@ -125,7 +125,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _audit_config(args: argparse.Namespace) -> config.AuditConfig:
     return config.load(config.AuditConfig, args.config, {
         "percentile": args.percentile, "top_k": args.top_k, "calibration": args.calibration,
-        "plant_copies": args.plant_copies, "seed": args.seed})
+        "plant_copies": args.plant_copies, "seed": args.seed, "reference": args.reference})
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -135,7 +135,8 @@ def _audit(args: argparse.Namespace) -> int:
     cfg = _audit_config(args)
     runtime.init_ray()
     metrics = audit_images(args.dataset, args.synthetic, args.detector, args.out, cfg, labels_csv=args.labels,
-                           distributed=args.distributed, run_name=args.run_name)
+                           distributed=args.distributed, run_name=args.run_name,
+                           null_synthetic_uri=args.null_synthetic)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2, sort_keys=True))
     print(f"report: {args.out}/report.html")
     return 0
@@ -157,10 +158,17 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
     if args.distributed:
         from raymem import runtime
         runtime.init_ray()
-    metrics = audit_embeddings(args.train, args.val, args.synthetic, args.out, percentile=cfg.percentile,
+    reference_ids = None
+    if args.reference_ids and cfg.reference == "generator":
+        from raymem import storage
+
+        reference_ids = json.loads(storage.read_bytes(args.reference_ids))
+    metrics = audit_embeddings(args.train, args.val, args.synthetic, args.out, test_uri=args.test,
+                               null_uri=args.null_synthetic, reference_ids=reference_ids, percentile=cfg.percentile,
                                top_k=cfg.top_k, calibration=cfg.calibration, plant_copies=cfg.plant_copies,
                                labels_csv=args.labels, seed=cfg.seed, distributed=args.distributed)
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    print("\n".join(f"warning: {warning}" for warning in metrics["warnings"]), file=sys.stderr)
     return 0
 
 
@@ -183,7 +191,12 @@ def _dashboard(args: argparse.Namespace) -> int:
 def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, help="threshold percentile (default 95, the paper's)")
     p.add_argument("--top-k", type=int, help="training neighbours kept per synthetic sample (default 5)")
-    p.add_argument("--calibration", choices=["paper", "matched"], help="null distribution (default paper)")
+    p.add_argument("--calibration", choices=["paper", "matched", "generator"],
+                   help="the headline null (default paper; all available are reported)")
+    p.add_argument("--reference", choices=["generator", "all"],
+                   help="compare with the generator's own training set (default) or the whole train split")
+    p.add_argument("--null-synthetic", help="samples of a generator trained only on held-out patients "
+                                            "(`raymem train-ldm --split test`): calibration 'generator'")
     p.add_argument("--plant-copies", type=int, help="mix N known copies into the synthetic set and score them")
     p.add_argument("--labels", help="CSV of hand labels (synthetic_id, train_id, label copy|novel)")
     p.add_argument("--seed", type=int)
@@ -273,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--train-size", type=int, help="nested training subset size (default: all)")
+    p.add_argument("--split", choices=["train", "test"],
+                   help="the split trained on (default train); test: the generator-null, the same LDM trained only "
+                        "on held-out patients, whose samples are audited against the training set")
+    p.add_argument("--train-size", type=int, help="nested subset size of the split (default: all)")
     p.add_argument("--augment", choices=["on", "off"], help="the paper's flips and small rotations (default off)")
     p.add_argument("--use-gpu", action="store_true")
     p.set_defaults(func=_train_ldm)
@@ -323,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "correlations; writes metrics.json and matches.parquet to OUT.")
     p.add_argument("--train", required=True, help="training embeddings (Parquet URI: file or folder)")
     p.add_argument("--val", required=True, help="validation embeddings (patients never in training)")
-    p.add_argument("--synthetic", required=True, help="synthetic embeddings")
+    p.add_argument("--synthetic", required=True, help="the generator's own synthetic embeddings")
+    p.add_argument("--test", help="evaluation embeddings: held-out patients in neither train nor val; every "
+                                  "false-positive rate is measured on them (without: half of the val patients)")
+    p.add_argument("--reference-ids", help="JSON list of the generator's training sample_ids (an LDM run's "
+                                           "training_ids.json): the training set it is compared with")
     p.add_argument("--out", required=True, help="output folder URI")
     _audit_options(p)
     p.set_defaults(func=_audit_embeddings)

@@ -120,17 +120,24 @@ class AuditConfig(_Strict):
                     "validation correlation); the paper: 95")
     top_k: int = Field(
         default=5, ge=1, le=1000, description="training neighbours kept per synthetic sample in matches.parquet")
-    calibration: Literal["paper", "matched"] = Field(
+    calibration: Literal["paper", "matched", "generator"] = Field(
         default="paper",
-        description="the headline null (both are reported): 'paper', each training sample's best validation "
-                    "match; 'matched', each validation sample's best training match for copies and a max-of-n "
-                    "quantile for memorized samples (raymem.audit.metrics)")
+        description="the headline null (all available are reported): 'paper', each training sample's best "
+                    "validation match; 'matched', each validation sample's best training match for copies and a "
+                    "max-of-n quantile for memorized samples; 'generator', the matched construction on the samples "
+                    "of a generator trained on held-out patients (needs them) (raymem.audit.metrics)")
+    reference: Literal["generator", "all"] = Field(
+        default="generator",
+        description="the training set the generated samples are compared with: 'generator', the generator's own "
+                    "training set when the synthetic set comes from a raymem LDM run (its training_ids.json), else "
+                    "the whole train split; 'all', always the whole train split")
     plant_copies: int = Field(
         default=0, ge=0,
         description="N known copies mixed into the synthetic set and scored: transformed training images, plus N "
                     "transformed held-out ones as known novel (image audit); noisy training embeddings "
                     "(embedding audit)")
-    seed: int = Field(default=0, description="draws the validation halves (by patient) and the planted copies")
+    seed: int = Field(default=0, description="draws the planted samples, the bootstraps of the intervals and, "
+                                             "without a test split, the validation halves (by patient)")
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
@@ -229,7 +236,11 @@ class LDMTrainConfig(_Strict):
         description="names the checkpoints and the MLflow run ldm/<run_name>; the same name resumes")
     preset: Literal["tiny", "small", "paper2d", "paper3d-ct", "paper3d-mri"] = Field(
         default="tiny", description="model size (a study factor)")
-    train_size: int | None = Field(default=None, ge=1, description="nested training subset size (None: all)")
+    split: Literal["train", "test"] = Field(
+        default="train", description="the split trained on; 'test': the generator-null (the same LDM trained only on "
+                                     "held-out patients, whose samples are audited against the training set)")
+    train_size: int | None = Field(
+        default=None, ge=1, description="nested subset size of the split trained on (None: all)")
     subset_seed: int = Field(default=0, description="for one seed, the subset of size n lies inside that of size m > n")
     augment: AugmentConfig = Field(default=AugmentConfig(enabled=False), description="a study factor")
     autoencoder_epochs: int = Field(default=100, ge=1, le=100_000, description="epochs of the first stage")

@@ -2,7 +2,9 @@
 
 phantom X-rays written as real 16-bit PNG files -> ingest (Ray Data) -> copy detector (Ray Train) -> a tiny
 latent diffusion model trained long on deliberately few images (Ray Train) -> synthetic samples (Ray Data) ->
-the exact audit with planted copies -> report.html, an MLflow store and a printed summary.
+the same LDM trained on held-out (test) patients, the generator null -> the exact audit of the LDM's own samples
+against its own training images, planted copies scored apart -> report.html, an MLflow store and a printed
+summary with 95 % intervals.
 It runs the same stages as ``jobs/pipeline.py`` with ``jobs/configs/demo-xray2d.yaml``.
 """
 
@@ -19,8 +21,9 @@ from raymem import runtime, storage
 from raymem.data import phantoms, shards
 from raymem.jobconfig import load_job, run_stage
 
-STAGES = ("data", "train-detector", "train-ldm", "sample", "audit")
+STAGES = ("data", "train-detector", "train-ldm", "sample", "train-null-ldm", "sample-null", "audit")
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+DEMO_PSEUDONYM_KEY = "raymem-demo-phantoms"
 SCALES = {  # --scale: (job config, phantom image side in pixels, default patients)
     "cpu": (CONFIGS / "demo-xray2d.yaml", 32, 200),
     "gpu": (CONFIGS / "demo-xray2d-gpu.yaml", 64, 2000),
@@ -32,6 +35,9 @@ def run(out: str, *, patients: int, images_per_patient: int, seed: int, scale: s
     storage.delete(out)
     os.environ["RAYMEM_STORAGE_ROOT"] = out
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
+    # Phantoms hold no identifiers, so a fixed key is safe; a random one (the default) would give new patient ids,
+    # hence a new patient split and LDM training subset, in every run: one seed would not give one result.
+    os.environ.setdefault("RAYMEM_PSEUDONYM_KEY", DEMO_PSEUDONYM_KEY)
     started = time.perf_counter()
     config_path, size, _ = SCALES[scale]
     job = load_job(str(config_path))
@@ -49,10 +55,14 @@ def run(out: str, *, patients: int, images_per_patient: int, seed: int, scale: s
 
 
 def summary_lines(job, out: str, seconds: float) -> list[str]:
-    """What a person wants to read after the demo: data, detector accuracy, memorization, where to look next."""
+    """What a person wants to read after the demo: data, detector accuracy, the generator's memorization with
+    95 % intervals, every calibration's measured false-positive rates, the planted truth, where to look next."""
+    from raymem.audit.report import with_interval
+
     paths = job.paths(out)
     manifest = shards.read_manifest(paths["dataset"])
     metrics = json.loads(storage.read_bytes(storage.join(paths["audit"], "metrics.json")))
+    ci95 = metrics["ci95"]
     detector = _last_metrics(f"detector/{job.run_name}")
     lines = ["", "=" * 72, f"raymem demo finished in {seconds / 60:.1f} min", "=" * 72,
              f"data      {manifest['found']} PNG files found, {manifest['ingested']} ingested, "
@@ -67,23 +77,48 @@ def summary_lines(job, out: str, seconds: float) -> list[str]:
                          detector.get("random_encoder.copy_strong_auc", float("nan")),
                          detector.get("detector.reid_auc", float("nan"))))
     lines += [
-        f"LDM       trained on {job.ldm.get('train_size')} images for {job.ldm.get('diffusion_epochs')} diffusion "
-        f"epochs ({_diffusion_steps(job)} steps); {metrics['n_synthetic']} synthetic samples audited (incl. "
-        f"{job.audit.plant_copies} planted copies and {job.audit.plant_copies} planted novel images)",
-        f"threshold tau = {metrics['threshold']:.4f} (P{metrics['percentile']:g} of train->val nearest neighbours, "
-        f"calibration {metrics['calibration']})",
-        f"memorized {metrics['n_memorized_train']} of {metrics['n_train']} training images "
-        f"({metrics['pct_memorized_train']:.1f} %), {metrics['pct_memorized_patients']:.1f} % of patients",
-        f"copies    {metrics['n_copies']} of {metrics['n_synthetic']} synthetic samples ({metrics['pct_copies']:.1f} %)",
+        f"LDM       trained on {metrics['n_train']} images of {metrics['n_patients']} patients for "
+        f"{job.ldm.get('diffusion_epochs')} diffusion epochs ({_diffusion_steps(job)} steps); its "
+        f"{metrics['n_synthetic']} own samples audited against those images ({metrics['reference']['source']})",
     ]
-    for name, figures in metrics.get("calibrations", {}).items():
-        lines.append(f"  {name:<8} copies {figures['pct_copies']:.1f} %, memorized {figures['pct_memorized_train']:.1f} %,"
-                     f" measured false-positive rate on held-out patients {figures['measured_fpr_copies']:.3f}")
-    lines += _generated_copy_lines(paths)
-    if "sensitivity" in metrics:
-        lines.append(f"planted   sensitivity {metrics['sensitivity']:.3f} on {metrics['n_positive']} known copies, "
-                     f"specificity {metrics['specificity']:.3f} on {metrics['n_negative']} known novel images "
-                     f"(held-out patients, same transforms), ROC AUC {metrics['roc_auc']:.3f}")
+    if "n_null" in metrics:
+        lines.append(f"null      the same LDM trained on held-out (test) patients: its {metrics['n_null']} samples "
+                     "measure false positives under the generator's own shift")
+    lines += [
+        f"threshold tau = {metrics['threshold_copies']:.4f} (calibration {metrics['calibration']}, "
+        f"P{metrics['percentile']:g}); false-positive rates measured on {metrics['n_eval']} images of "
+        f"{metrics['n_eval_patients']} {'test' if metrics['fpr_source'] == 'test' else 'held-out validation'} "
+        "patients",
+        f"copies    {metrics['n_copies']} of the LDM's {metrics['n_synthetic']} samples: "
+        + with_interval(metrics["pct_copies"], ci95["pct_copies"]),
+        f"memorized {metrics['n_memorized_train']} of its {metrics['n_train']} training images: "
+        + with_interval(metrics["pct_memorized_train"], ci95["pct_memorized_train"])
+        + f"; {metrics['n_memorized_patients']} of {metrics['n_patients']} patients: "
+        + with_interval(metrics["pct_memorized_patients"], ci95["pct_memorized_patients"]),
+        "calibrations (copies; false-positive rate of copies on test patients; of memorized images; "
+        "null-generator samples flagged):",
+    ]
+    for name, figures in metrics["calibrations"].items():
+        rates = [with_interval(figures[key], figures["ci95"][key], "{:.3f}", "")
+                 for key in ("measured_fpr_copies", "measured_fpr_memorized", "generator_fpr_copies")
+                 if key in figures]
+        lines.append(f"  {name:<9} tau {figures['threshold_copies']:.4f}: copies "
+                     + with_interval(figures["pct_copies"], figures["ci95"]["pct_copies"]) + "; FPR " + "; ".join(rates))
+    planted = metrics.get("planted")
+    if planted:
+        lines.append(f"planted   (apart from the figures above) sensitivity "
+                     + with_interval(planted["sensitivity"], planted["ci95"].get("sensitivity"), "{:.3f}", "")
+                     + f" on {planted['n_copies']} known copies, specificity "
+                     + with_interval(planted["specificity"], planted["ci95"].get("specificity"), "{:.3f}", "")
+                     + f" on {planted['n_novel']} known novel images of held-out patients, ROC AUC "
+                     + with_interval(planted["roc_auc"], planted["ci95"].get("roc_auc"), "{:.3f}", ""))
+    heldout = metrics.get("detector_heldout")
+    if heldout and "families" in heldout:
+        lines.append("detector  on copies it never trained on, sensitivity at 95 % specificity: " + "; ".join(
+            f"{name} " + with_interval(f["sensitivity_at_95_specificity"],
+                                       f["ci95"].get("sensitivity_at_95_specificity"), "{:.2f}", "")
+            for name, f in heldout["families"].items()))
+    lines += [f"warning   {warning}" for warning in metrics["warnings"]]
     lines += ["", "look next:",
               f"  report    {storage.join(paths['audit'], 'report.html')}",
               f"  matches   {storage.join(paths['audit'], 'matches.parquet')}",
@@ -95,30 +130,6 @@ def _diffusion_steps(job) -> int:
     """Optimisation steps of the diffusion stage (one worker): batches per pass x passes per epoch x epochs."""
     ldm = job.stage_config("train-ldm", root="/")
     return (ldm.train_size or 0) // ldm.batch_size * ldm.epoch_repeats * ldm.diffusion_epochs
-
-
-def _generated_copy_lines(paths: dict[str, str]) -> list[str]:
-    """The LDM's own copies (planted copies left out), and how many of the images it trained on it gives back."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from raymem.audit.images import PLANTED
-    from raymem.train.ldm import TRAINING_IDS_FILE
-
-    matches = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(paths["audit"], "matches.parquet"))),
-                            columns=["kind", "sample_id", "is_copy", "neighbour_ids"]).to_pylist()
-    generated = [row for row in matches if row["kind"] == "synthetic" and not row["sample_id"].startswith(PLANTED)]
-    copies = [row for row in generated if row["is_copy"]]
-    lines = [f"generated {len(copies)} of the LDM's {len(generated)} own samples are copies of training images "
-             f"({100 * len(copies) / max(1, len(generated)):.1f} %)"]
-    ids_uri = storage.join(paths["ldm_run"], TRAINING_IDS_FILE)
-    if storage.exists(ids_uri):
-        seen = set(json.loads(storage.read_bytes(ids_uri)))
-        copied = {row["neighbour_ids"][0] for row in copies} & seen
-        lines.append(f"          they copy {len(copied)} of the {len(seen)} images it trained on "
-                     f"({100 * len(copied) / len(seen):.1f} %)")
-    return lines
 
 
 def _last_metrics(run_key: str) -> dict[str, float]:

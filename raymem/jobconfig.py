@@ -12,13 +12,15 @@ names another stage's output::
     ingest: {...}       IngestConfig
     detector: {...}     DetectorTrainConfig without dataset, out, run_name, experiment
     embed: {...}        EmbedConfig without detector, data, out
-    ldm: {...}          LDMTrainConfig without dataset, out, run_name, experiment
+    ldm: {...}          LDMTrainConfig without dataset, out, run_name, experiment, split
     sample: {...}       SampleConfig without run, out; n defaults to the training image count (the paper's rule)
+    null: {...}         optional: the generator-null, LDMTrainConfig values over the ldm section's, trained on the
+                        test split (held-out patients) and sampled like ``sample``; ``null: {}`` = the same LDM
     audit: {...}        AuditConfig, plus ``distributed``
 
 A relative ``data.source`` lies under ``storage_root``. Layout under ``storage_root``: datasets/<run_name>,
 detector/<run_name>/detector.pt, embeddings/<run_name>, ldm/<run_name>/epoch-<E>, synthetic/<run_name>,
-audits/<run_name>.
+audits/<run_name>; with a null section also ldm/<run_name>-null and synthetic/<run_name>-null.
 
 Every stage is skipped when its committed output exists and resumes from its checkpoints otherwise, so a job
 resubmitted with the same run name picks up where the last one stopped.
@@ -40,6 +42,7 @@ from raymem import config, storage
 from raymem.config import ConfigError, _Strict
 
 STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
+NULL_STAGES = ("train-null-ldm", "sample-null")  # the generator-null calibration; skipped without a null section
 EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
 
 
@@ -96,17 +99,35 @@ class JobConfig(_Strict):
         default_factory=dict, description="EmbedConfig values without detector, data, out; the audit embeds with "
                                           "them too")
     ldm: dict[str, Any] = Field(
-        default_factory=dict, description="LDMTrainConfig values without dataset, out, run_name, experiment")
+        default_factory=dict, description="LDMTrainConfig values without dataset, out, run_name, experiment, split")
     sample: dict[str, Any] = Field(
         default_factory=dict, description="SampleConfig values without run, out; n defaults to the training image "
                                           "count (the paper's rule)")
+    null: dict[str, Any] | None = Field(
+        default=None, description="the generator-null: LDMTrainConfig values over the ldm section's, trained on the "
+                                  "test split (held-out patients) as <run_name>-null and sampled with the sample "
+                                  "section, for the audit's generator calibration; {}: the same LDM; None: off")
     audit: AuditSection = Field(default=AuditSection(), description="AuditConfig values, plus distributed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_null_key(cls, values: Any) -> Any:
+        # YAML reads the key `null:` as None (the null literal); it names the null section all the same.
+        if isinstance(values, dict) and None in values:
+            return {("null" if key is None else key): value for key, value in values.items()}
+        return values
 
     @model_validator(mode="after")
     def _stage_sections_valid(self) -> JobConfig:
         # Validate every section now, so a typo in the ldm section fails at submit time, not after training.
-        self.ingest_config()
-        for stage in ("train-detector", "embed", "train-ldm", "sample"):
+        ingest = self.ingest_config()
+        stages = ("train-detector", "embed", "train-ldm", "sample")
+        if self.null is not None:
+            if ingest.test_fraction == 0 and ingest.format != "medmnist":  # MedMNIST brings its own test split
+                raise ConfigError("ingest.test_fraction: is 0, but the null section trains on the test split "
+                                  "(held-out patients); set ingest.test_fraction > 0 or remove the null section")
+            stages += NULL_STAGES
+        for stage in stages:
             self.stage_config(stage, root=self.storage_root or f"${STORAGE_ROOT_ENV}", train_images=1)
         return self
 
@@ -132,6 +153,8 @@ class JobConfig(_Strict):
             "embeddings": storage.join(root, "embeddings", name),
             "ldm_run": storage.join(root, "ldm", name),
             "synthetic": storage.join(root, "synthetic", name),
+            "null_ldm_run": storage.join(root, "ldm", f"{name}-null"),
+            "null_synthetic": storage.join(root, "synthetic", f"{name}-null"),
             "audit": storage.join(root, "audits", name),
         }
 
@@ -143,24 +166,33 @@ class JobConfig(_Strict):
         """
         root = root or self.root()
         paths = self.paths(root)
-        sample_derived = {"run": paths["ldm_run"], "out": paths["synthetic"]}
-        if stage == "sample" and "n" not in self.sample:
-            sample_derived["n"] = train_images or _train_images(paths["dataset"])
+        sample_count = {}
+        if stage in ("sample", "sample-null") and "n" not in self.sample:
+            sample_count["n"] = train_images or _train_images(paths["dataset"])
         identity = {"run_name": self.run_name, "experiment": self.experiment}
+        ldm_derived = {"dataset": paths["dataset"], "out": root, "experiment": self.experiment}
         section, model, derived = {
             "train-detector": (self.detector, config.DetectorTrainConfig,
                                {"dataset": paths["dataset"], "out": root, **identity}),
             "embed": (self.embed, config.EmbedConfig,
                       {"detector": paths["detector"], "data": paths["dataset"], "out": paths["embeddings"]}),
-            "train-ldm": (self.ldm, config.LDMTrainConfig, {"dataset": paths["dataset"], "out": root, **identity}),
-            "sample": (self.sample, config.SampleConfig, sample_derived),
+            "train-ldm": (self.ldm, config.LDMTrainConfig,
+                          {**ldm_derived, "run_name": self.run_name, "split": "train"}),
+            "train-null-ldm": (self.null or {}, config.LDMTrainConfig,
+                               {**ldm_derived, "run_name": f"{self.run_name}-null", "split": "test"}),
+            "sample": (self.sample, config.SampleConfig,
+                       {"run": paths["ldm_run"], "out": paths["synthetic"], **sample_count}),
+            "sample-null": (self.sample, config.SampleConfig,
+                            {"run": paths["null_ldm_run"], "out": paths["null_synthetic"], **sample_count}),
         }[stage]
-        section_name = {"train-detector": "detector", "train-ldm": "ldm"}.get(stage, stage)
+        section_name = {"train-detector": "detector", "train-ldm": "ldm", "train-null-ldm": "null",
+                        "sample-null": "sample"}.get(stage, stage)
         clashes = sorted(set(section) & set(derived))
         if clashes:
-            raise ConfigError(f"{section_name}.{clashes[0]}: set by the job (from storage_root, run_name and "
-                              f"experiment); remove it from the {section_name} section")
-        return config.validate(model, {**section, **derived})
+            raise ConfigError(f"{section_name}.{clashes[0]}: set by the job (from storage_root, run_name, experiment "
+                              f"and the stage); remove it from the {section_name} section")
+        base = self.ldm if stage == "train-null-ldm" else {}  # the null section overrides the ldm section's values
+        return config.validate(model, {**base, **section, **derived})
 
 
 def _train_images(dataset_uri: str) -> int:
@@ -192,6 +224,9 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
     from raymem.data import shards
 
     paths = job.paths()
+    if stage in NULL_STAGES and job.null is None:
+        print(f"{stage}: skipped, the job has no null section (no generator calibration)", flush=True)
+        return {"skipped": "no null section"}
     if stage == "data":
         if _done(storage.join(paths["dataset"], shards.MANIFEST), stage, paths["dataset"]):
             return {"dataset": paths["dataset"]}
@@ -220,20 +255,22 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
         rows = embed_dataset(job.stage_config(stage))
         storage.write_bytes(marker, json.dumps(rows).encode())
         return {"embeddings": paths["embeddings"], "rows": rows}
-    if stage == "train-ldm":
+    if stage in ("train-ldm", "train-null-ldm"):
         from raymem.generate import saved_epochs
         from raymem.train.ldm import train_ldm
 
+        run = paths["ldm_run" if stage == "train-ldm" else "null_ldm_run"]
         cfg = job.stage_config(stage)
         last_epoch = cfg.autoencoder_epochs + cfg.diffusion_epochs - 1
-        if storage.exists(paths["ldm_run"]) and last_epoch in saved_epochs(paths["ldm_run"]):
-            print(f"{stage}: already done, {paths['ldm_run']} has epoch {last_epoch}", flush=True)
-            return {"run": paths["ldm_run"]}
+        if storage.exists(run) and last_epoch in saved_epochs(run):
+            print(f"{stage}: already done, {run} has epoch {last_epoch}", flush=True)
+            return {"run": run}
         result = train_ldm(cfg)
         return {"run": result["run"], "mlflow_run_id": result["run_id"]}
-    if stage == "sample":
-        if _done(storage.join(paths["synthetic"], shards.MANIFEST), stage, paths["synthetic"]):
-            return {"out": paths["synthetic"]}
+    if stage in ("sample", "sample-null"):
+        out = paths["synthetic" if stage == "sample" else "null_synthetic"]
+        if _done(storage.join(out, shards.MANIFEST), stage, out):
+            return {"out": out}
         from raymem.generate import sample_run
 
         return sample_run(job.stage_config(stage))
@@ -245,7 +282,8 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
         audit_cfg = config.AuditConfig(**job.audit.model_dump(exclude={"distributed"}))
         metrics = audit_images(paths["dataset"], paths["synthetic"], paths["detector"], paths["audit"], audit_cfg,
                                distributed=job.audit.distributed, experiment=job.experiment,
-                               run_name=f"audit/{job.run_name}", embed_settings=job.embed)
+                               run_name=f"audit/{job.run_name}", embed_settings=job.embed,
+                               null_synthetic_uri=paths["null_synthetic"] if job.null is not None else None)
         return {"audit": paths["audit"], **{k: metrics[k] for k in ("threshold", "pct_memorized_train", "pct_copies")}}
     raise AssertionError(f"unknown stage {stage!r}")
 

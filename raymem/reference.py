@@ -21,7 +21,8 @@ SECTIONS: list[tuple[type[BaseModel], str]] = [
                                  "experiment)"),
     (config.EmbedConfig, "`raymem embed`; the `embed` section (without detector, data, out)"),
     (config.LDMTrainConfig, "`raymem train-ldm`; the `ldm` section (without dataset, out, run_name, experiment, "
-                            "and in studies without the swept factors)"),
+                            "in job files without split, in studies without the swept factors) and the `null` "
+                            "section of job files (over the `ldm` section's values)"),
     (config.AugmentConfig, "`ldm.augment`"),
     (config.SampleConfig, "`raymem sample`; the `sample` section (without run, out; in studies without epoch)"),
     (config.AuditConfig, "`raymem audit --config`; the `audit` section (plus `distributed` in job files)"),

@@ -69,14 +69,16 @@ def ray_cluster(s3_server):
 
 @pytest.fixture
 def make_phantom_dataset(tmp_path):
-    """make_phantom_dataset(kind, patients, per_patient) -> URI of a committed 32-pixel phantom dataset (25 % val)."""
+    """make_phantom_dataset(kind, patients, per_patient, test_fraction=0.0) -> URI of a committed 32-pixel phantom
+    dataset (25 % of patients val, test_fraction of them test)."""
     from raymem import config
     from raymem.data.ingest import phantom_dataset
 
-    def make(kind: str, patients: int, per_patient: int) -> str:
+    def make(kind: str, patients: int, per_patient: int, test_fraction: float = 0.0) -> str:
         uri = str(tmp_path / f"ds-{kind}")
         phantom_dataset(uri, kind, patients=patients, images_per_patient=per_patient, size=32, seed=0,
-                        cfg=config.validate(config.IngestConfig, {"val_fraction": 0.25, "test_fraction": 0.0}))
+                        cfg=config.validate(config.IngestConfig,
+                                            {"val_fraction": 0.25, "test_fraction": test_fraction}))
         return uri
 
     return make

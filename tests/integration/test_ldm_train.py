@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from raymem import config, storage
 from raymem.data import shards
 from raymem.generate import sample_run
-from raymem.train.ldm import train_ldm
+from raymem.train.ldm import TRAINING_IDS_FILE, train_ldm
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +71,21 @@ def test_3d_training_then_sampling_any_saved_epoch(ray_cluster, tmp_path, make_p
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert set(table["patient_id"].to_pylist()) == {"synthetic"}
     assert all(":epoch-1:seed-" in source for source in table["source"].to_pylist())
+    # Without train_size the generator saw the whole split, and says so.
+    assert json.loads(storage.read_bytes(storage.join(trained["run"], TRAINING_IDS_FILE))) == \
+        sorted(shards.load_split(dataset, "train", ["sample_id"])["sample_id"].to_pylist())
+
+
+def test_the_generator_null_trains_on_a_nested_subset_of_test_split_images_only(ray_cluster, tmp_path,
+                                                                                make_phantom_dataset):
+    dataset = make_phantom_dataset("xray2d", patients=8, per_patient=2, test_fraction=0.25)  # 2 test patients
+    out = str(tmp_path / "out")
+
+    result = train_ldm(_train_cfg(dataset, out, split="test", train_size=3, autoencoder_epochs=1, diffusion_epochs=1,
+                                  num_workers=1, batch_size=2, grid_every=10, eval_max_images=2))
+
+    trained = json.loads(storage.read_bytes(storage.join(result["run"], TRAINING_IDS_FILE)))
+    test_ids = set(shards.load_split(dataset, "test", ["sample_id"])["sample_id"].to_pylist())
+    _, runs = _mlflow_runs(out)
+    assert (len(trained), set(trained) <= test_ids, len(test_ids), runs[0].data.params["split"]) == \
+        (3, True, 4, "test")

@@ -37,3 +37,8 @@ def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path):
 
     with pytest.raises(config.ConfigError, match="mapping"):
         config.load(config.AuditConfig, str(path))
+
+
+def test_an_ldm_trains_on_the_train_or_the_test_split_only():
+    with pytest.raises(config.ConfigError, match=r"\bsplit\b"):
+        config.validate(config.LDMTrainConfig, {"dataset": "d", "out": "o", "split": "val"})
