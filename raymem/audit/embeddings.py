@@ -48,6 +48,7 @@ PLANTED_NOISE = 0.1  # planted copy = training embedding + N(0, (PLANTED_NOISE *
 REPORT_PAIRS = 24  # highest-scoring synthetic/training pairs handed to the report
 MAX_TOP_PAIRS = 1 << 25  # largest train x validation scores the matched null may need (~0.7 GiB on the driver)
 READ_BATCH_ROWS = 8192
+MIN_GENERATED = 100  # fewer generated samples than this: the memorized shares' intervals get a warning
 MIN_PAPER_NULL = 100  # fewer training images than this: the paper's tau (one null value per image) gets a warning
 _MAX_NAMED = 10  # sample ids named in an error message
 
@@ -638,6 +639,10 @@ def audit_warnings(figures: dict, n_val_patients: int) -> list[str]:
         warnings.append(f"the paper's tau is a percentile of only {figures['n_train']} values (one per training "
                         "image): it moves a lot between training sets; calibration 'matched' takes one value per "
                         "validation image")
+    if figures["n_synthetic"] < MIN_GENERATED:
+        warnings.append(f"only {figures['n_synthetic']} generated samples: the intervals of the memorized shares "
+                        "rest on a two-way clustering approximation that covers less than 95 % this small "
+                        "(docs/statistics.md)")
     if figures["n_synthetic"] < figures["n_train"]:
         warnings.append(f"{figures['n_synthetic']} generated samples for {figures['n_train']} training images: "
                         "fewer than the paper's rule (n_synthetic >= n_train), so the memorized share cannot reach "

@@ -407,6 +407,9 @@ def calibrate(name: str, searches: Searches, percentile: float) -> Calibration:
     is_memorized = searches.train_to_synthetic.exceeds(tau_memorized)
     _, memorized_patients = patients_memorized(searches.train_patient_ids, is_memorized)
     n_train, n_draws = len(is_memorized), searches.n_synthetic
+    # one generated sample can flag several images (and patients): the intervals cluster by it too
+    flagged_by = searches.train_to_synthetic.best_index
+    patient_flagged_by = flagged_by[best_per_patient(searches.train_patient_ids, searches.train_to_synthetic.best)]
 
     def flag_rates(pairs: TopPairs, novel_groups: np.ndarray, resampled: str):
         rows, cols = pairs.above(tau_memorized)
@@ -431,14 +434,22 @@ def calibrate(name: str, searches: Searches, percentile: float) -> Calibration:
         implied_fpr_copies=implied_copies,
         implied_fpr_memorized=implied_memorized,
         copies=statistics.share(is_copy),
-        memorized=statistics.share(is_memorized, searches.train_patient_ids),
-        memorized_patients=statistics.share(memorized_patients),
+        memorized=statistics.share(is_memorized, searches.train_patient_ids, flagged_by),
+        memorized_patients=statistics.share(memorized_patients, flagged_by=patient_flagged_by),
         fpr_copies=statistics.share(searches.eval_to_train.exceeds(tau_copies), searches.eval_patient_ids),
         fpr_memorized=fpr_memorized,
         fpr_memorized_patients=fpr_memorized_patients,
         generator_fpr_copies=generator_copies,
         generator_fpr_memorized=generator_memorized,
     )
+
+
+def best_per_patient(train_patient_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(p,) the row of each patient's highest score (patients in sorted order, ties to the lower row)."""
+    patients, inverse = np.unique(train_patient_ids, return_inverse=True)
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores), inverse))  # by patient, best first
+    first = np.searchsorted(inverse[order], np.arange(len(patients)))
+    return order[first]
 
 
 def patients_memorized(train_patient_ids: np.ndarray, is_memorized: np.ndarray):

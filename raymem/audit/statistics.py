@@ -16,7 +16,7 @@ estimator and its 95 % interval; docs/statistics.md states the assumptions and t
   count as hubs, unlike a threshold that assumes one score distribution for all). With more draws than evaluation
   samples it extrapolates with the plug-in 1 - (1 - c_j / n) ** n_draws.
 - ``memorized_rate_interval``: that rate with a Wilson interval at the effective size from a jackknife over
-  evaluation patients.
+  evaluation patients; measured at most at n_eval - (largest patient) draws and carried up to n_draws by a bound.
 - ``auc_interval``: a stratified percentile bootstrap of the ROC AUC.
 """
 
@@ -35,7 +35,6 @@ BOOTSTRAP_DRAWS = 2000
 MIN_EVAL_PATIENTS = 10  # fewer evaluation patients than this: a stated rate gets a warning, not a silent number
 
 WILSON = "Wilson score interval"
-CLUSTERED_WILSON = "Wilson score interval at the effective sample size n / design effect (clusters: patients)"
 AUC_BOOTSTRAP = f"stratified percentile bootstrap over positives and negatives ({BOOTSTRAP_DRAWS} draws)"
 
 
@@ -85,15 +84,26 @@ def design_effect(flags: np.ndarray, clusters: np.ndarray) -> float:
     return max(1.0, float(robust / (p * (1 - p) / n)))
 
 
-def share(flags: np.ndarray, clusters: np.ndarray | None = None) -> Share:
-    """mean(flags) with its 95 % Wilson interval; clustered (clusters given) at the effective sample size."""
+def share(flags: np.ndarray, clusters: np.ndarray | None = None, flagged_by: np.ndarray | None = None) -> Share:
+    """mean(flags) with its 95 % Wilson interval; at the effective sample size when the units come in clusters
+    (several images of one patient) or when one generated sample can flag several units (flagged_by (n,): the
+    generated sample that flags each unit; unflagged units count alone). With both, the design effects add
+    (deff_1 + deff_2 - 1), a two-way clustering approximation."""
     flags = np.asarray(flags, dtype=bool)
     n, successes = len(flags), int(flags.sum())
     estimate = successes / n if n else 0.0
-    if clusters is None:
+    if clusters is None and flagged_by is None:
         return Share(estimate, *wilson_interval(successes, n), WILSON)
-    deff = design_effect(flags, clusters)
-    return Share(estimate, *wilson_interval(successes, n, design_effect=deff), CLUSTERED_WILSON)
+    deff, parts = 1.0, []
+    if clusters is not None:
+        deff += design_effect(flags, clusters) - 1.0
+        parts.append("patients")
+    if flagged_by is not None:
+        own = np.where(flags, np.asarray(flagged_by).astype(str), [f"unit-{i}" for i in range(n)])
+        deff += design_effect(flags, own) - 1.0
+        parts.append("the generated sample that flags each")
+    method = f"Wilson score interval at the effective sample size n / design effect (clusters: {', '.join(parts)})"
+    return Share(estimate, *wilson_interval(successes, n, design_effect=deff), method)
 
 
 def _log_choose(n: np.ndarray, k: int) -> np.ndarray:
@@ -152,18 +162,29 @@ def _units(pair_rows: np.ndarray, n_train: int, train_groups: np.ndarray | None)
 def memorized_rate_interval(pair_rows: np.ndarray, pair_cols: np.ndarray, n_train: int, eval_groups: np.ndarray,
                             n_draws: int, train_groups: np.ndarray | None = None,
                             resampled: str = "evaluation patients") -> Share:
-    """``memorized_flag_rate`` with its 95 % interval: the delete-one-group jackknife over the evaluation samples'
-    groups (patients; or each sample alone when eval_groups are all distinct) gives the standard error, and the
-    interval is Wilson's at the effective size rate (1 - rate) / se^2 (so it stays inside 0-1 and is not
-    symmetric near 0). The jackknife keeps every evaluation sample distinct, which the flag probability's
-    without-replacement form needs (a with-replacement bootstrap duplicates samples and biases it down).
+    """``memorized_flag_rate`` with its 95 % interval.
+
+    The rate is measured exactly (without-replacement form) at n' = min(n_draws, n_eval - the largest group)
+    draws, so every delete-one-group jackknife replicate is exact too; the jackknife's standard error gives a
+    Wilson interval at the effective size rate (1 - rate) / se^2 (inside 0-1, not symmetric near 0). With more
+    draws than that, the rate at n' is a lower bound of the rate at n_draws and 1 - (1 - r') ** (n_draws / n') an
+    upper bound (Jensen: equal when every unit has one single-draw rate, above it with hubs), so the estimate and
+    the interval's upper end are carried up by that bound and the lower end stays at n': a conservative bracket.
+    The jackknife keeps every evaluation sample distinct, which the without-replacement form needs (a
+    with-replacement bootstrap duplicates samples and biases it down).
 
     With no evaluation sample above the threshold the upper bound is the rate of a unit whose single-draw rate is
     the Wilson upper bound for 0 of n_eval (one unit's worst case).
     """
     eval_groups = np.asarray(eval_groups).astype(str)
     n_eval = len(eval_groups)
+    groups, group_of = np.unique(eval_groups, return_inverse=True)
+    group_sizes = np.bincount(group_of, minlength=len(groups))
+    measured_draws = max(1, min(n_draws, n_eval - int(group_sizes.max()) if len(groups) > 1 else n_eval))
     method = f"Wilson score interval at the effective size from a delete-one jackknife over {resampled}"
+    if measured_draws < n_draws:
+        method += (f"; measured at {measured_draws} draws, estimate and upper end carried to {n_draws} draws by "
+                   "1 - (1 - r) ** (m / n') (an upper bound)")
     units, n_units = _units(pair_rows, n_train, train_groups)
     cols = np.asarray(pair_cols, dtype=np.int64)
     if len(cols) == 0 or n_units == 0:
@@ -172,22 +193,23 @@ def memorized_rate_interval(pair_rows: np.ndarray, pair_cols: np.ndarray, n_trai
                                       "0 of n_eval")
     key = np.unique(np.stack([units, cols]), axis=1)  # a column counts once per unit
     flagged_units, unit_index = np.unique(key[0], return_inverse=True)
-    groups, group_of = np.unique(eval_groups, return_inverse=True)
     contributions = np.zeros((len(groups), len(flagged_units)))
     np.add.at(contributions, (group_of[key[1]], unit_index), 1.0)
     counts = contributions.sum(axis=0)
-    estimate = float(flag_probability(counts, n_eval, n_draws).sum() / n_units)
-    if len(groups) < 2:
-        return Share(estimate, 0.0, 1.0, f"{method}; one group: no interval")
-    group_sizes = np.bincount(group_of, minlength=len(groups))
-    left_out = flag_probability(counts[None, :] - contributions, (n_eval - group_sizes)[:, None],
-                                n_draws).sum(axis=1) / n_units
-    n_groups = len(groups)
-    se = math.sqrt((n_groups - 1) / n_groups * np.sum((left_out - left_out.mean()) ** 2))
-    if estimate in (0.0, 1.0) or se == 0.0:
-        return Share(estimate, *wilson_interval(estimate * n_eval, n_eval), method)
-    n_effective = estimate * (1 - estimate) / se**2
-    return Share(estimate, *wilson_interval(estimate * n_effective, n_effective), method)
+    estimate = float(flag_probability(counts, n_eval, measured_draws).sum() / n_units)
+    lo, hi = 0.0, 1.0
+    if len(groups) >= 2:
+        left_out = flag_probability(counts[None, :] - contributions, (n_eval - group_sizes)[:, None],
+                                    measured_draws).sum(axis=1) / n_units
+        n_groups = len(groups)
+        se = math.sqrt((n_groups - 1) / n_groups * np.sum((left_out - left_out.mean()) ** 2))
+        if estimate in (0.0, 1.0) or se == 0.0:
+            lo, hi = wilson_interval(estimate * n_eval, n_eval)
+        else:
+            n_effective = estimate * (1 - estimate) / se**2
+            lo, hi = wilson_interval(estimate * n_effective, n_effective)
+    power = n_draws / measured_draws
+    return Share(1.0 - (1.0 - estimate) ** power, lo, 1.0 - (1.0 - hi) ** power, method)
 
 
 def auc_interval(positive_scores: np.ndarray, negative_scores: np.ndarray, auc_fn, seed: int = 0) -> tuple[float, float]:

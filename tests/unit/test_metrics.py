@@ -35,16 +35,18 @@ def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return standardized(x) @ standardized(y).T
 
 
-def flag_rate(scores: np.ndarray, threshold: float, n_draws: int, groups: np.ndarray | None = None) -> float:
+def flag_rate(scores: np.ndarray, threshold: float, n_draws: int, groups: np.ndarray | None = None,
+              largest_eval_patient: int = 2) -> float:
     """Brute force from the definition: per training unit (image, or patient = all its rows), c = evaluation samples
-    scoring above threshold with it, rate 1 - C(n - c, m) / C(n, m) (m <= n) or 1 - (1 - c / n) ** m; the mean."""
+    scoring above threshold with it; measured at n' = min(m, n - largest evaluation patient) draws as
+    1 - C(n - c, n') / C(n, n'), the mean r' carried to m draws as 1 - (1 - r') ** (m / n')."""
     above = scores > threshold  # (n_train, n_eval)
     if groups is not None:
         above = np.array([above[groups == g].any(axis=0) for g in np.unique(groups)])
     n = above.shape[1]
-    rates = [1 - math.comb(n - c, n_draws) / math.comb(n, n_draws) if n_draws <= n else 1 - (1 - c / n) ** n_draws
-             for c in above.sum(axis=1)]
-    return float(np.mean(rates))
+    measured = min(n_draws, n - largest_eval_patient)
+    rate = np.mean([1 - math.comb(n - c, measured) / math.comb(n, measured) for c in above.sum(axis=1)])
+    return float(1 - (1 - rate) ** (n_draws / measured))
 
 
 def reference_audit(train, val, test, synthetic, train_patients, percentile, k):
