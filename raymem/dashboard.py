@@ -6,7 +6,8 @@ step is the global epoch) and writes into a local folder:
 
 - ``memorization_vs_<factor>.png``: memorization and copies at each trial's last audit against each swept factor
   with at least two levels, one line per combination of the other factors' levels;
-- ``per_epoch.png``: memorization, copies, Frechet distance and validation loss against diffusion epochs trained;
+- ``per_epoch.png``: memorization, copies, Frechet distance (with its real-vs-real baseline) and validation loss
+  against diffusion epochs trained;
 - ``trials.csv`` and ``index.html`` (self-contained: plots embedded as data URIs, nothing fetched, no scripts).
 
 MLflow is read through an explicit ``MlflowClient(tracking_uri)``; no global MLflow or matplotlib state is touched
@@ -42,9 +43,10 @@ COPIES = "memorization.pct_copies"
 PATIENTS = "memorization.pct_memorized_patients"
 SHARED = "memorization.pct_memorized_shared"
 FRECHET = "quality.frechet_distance"
+FRECHET_BASELINE = "quality.frechet_distance_real_baseline"
 DIVERSITY = "quality.ms_ssim_diversity"
 VAL_LOSS = "diffusion.val_fixed"
-METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, DIVERSITY, VAL_LOSS)
+METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, FRECHET_BASELINE, DIVERSITY, VAL_LOSS)
 # Figures read at each trial's last audit: the last step at which memorization was logged (audits log it).
 LAST_AUDIT_COLUMNS = (
     (MEMORIZED, "pct_memorized_train", "Memorized training images %", "{:.1f}"),
@@ -52,15 +54,22 @@ LAST_AUDIT_COLUMNS = (
     (PATIENTS, "pct_memorized_patients", "Memorized patients %", "{:.1f}"),
     (SHARED, "pct_memorized_shared", "Memorized, shared subset %", "{:.1f}"),
     (FRECHET, "frechet_distance", "Frechet distance", "{:#.4g}"),
+    (FRECHET_BASELINE, "frechet_distance_real_baseline", "Frechet distance, real baseline", "{:#.4g}"),
     (DIVERSITY, "ms_ssim_diversity", "MS-SSIM diversity", "{:.3f}"),
 )
 # (metric, panel title, y label) of per_epoch.png, row by row.
 PER_EPOCH_PANELS = (
     (MEMORIZED, "Memorized training images", "memorized training images (%)"),
     (COPIES, "Copies among synthetic samples", "copies among synthetic samples (%)"),
-    (FRECHET, "Frechet distance (detector embedding space)", "Frechet distance"),
+    (FRECHET, "Frechet distance to the study's held-out reference (detector space)", "Frechet distance"),
     (VAL_LOSS, "Validation diffusion loss (fixed batch)", "validation loss"),
 )
+# A panel's baseline, drawn dotted in each trial's colour: (metric, legend label). The real-vs-real baseline is a
+# real sample as large as the synthetic set scored against the same reference: the floor of the estimator's
+# small-sample bias, so a trial is read by its gap above its own baseline.
+PER_EPOCH_BASELINES = {
+    FRECHET: (FRECHET_BASELINE, "real sample of the same size (baseline)"),
+}
 # (metric, y label) of each memorization_vs_<factor>.png panel.
 FACTOR_PANELS = (
     (MEMORIZED, "memorized training images (%)"),
@@ -150,8 +159,8 @@ def build_dashboard(experiment: str, out_dir: str, *, tracking_uri: str, sweep: 
             _save_png(_factor_figure(trials, name, factors, levels), out / file_name)
             plots.append((file_name, f"Memorization and copies at each trial's last audit against {name}"))
     _save_png(_per_epoch_figure(trials), out / "per_epoch.png")
-    plots.append(("per_epoch.png", "Memorization, copies, Frechet distance and validation loss against diffusion "
-                                   "epochs trained, one line per trial"))
+    plots.append(("per_epoch.png", "Memorization, copies, Frechet distance (dotted: its real-vs-real baseline) and "
+                                   "validation loss against diffusion epochs trained, one line per trial"))
 
     columns = _columns(factors)
     rows = [_row(trial, factors) for trial in trials]
@@ -304,12 +313,21 @@ def _per_epoch_figure(trials: list[Trial]) -> Figure:
     figure.suptitle("Per-epoch figures of every trial")
     axes = figure.subplots(2, 2, sharex=True).ravel()
     for ax, (metric, title, y_label) in zip(axes, PER_EPOCH_PANELS):
+        baseline = PER_EPOCH_BASELINES.get(metric)
         for trial, colour in zip(trials, colours):
             epochs, values = trial.curve(metric)
             ax.plot(epochs, values, color=colour, marker="o" if metric != VAL_LOSS else None, markersize=4)
+            if baseline is not None:
+                epochs, values = trial.curve(baseline[0])
+                ax.plot(epochs, values, color=colour, linestyle=":", marker="x", markersize=4,
+                        label=f"{trial.key}: {baseline[1]}")
             if trial.early_stopped_epoch is not None:
                 ax.axvline(trial.diffusion_epochs_trained(trial.early_stopped_epoch), color=colour, linestyle="--",
                            linewidth=1)
+        if baseline is not None:
+            ax.legend(handles=[Line2D([], [], color="0.3", marker="o", markersize=4, label="synthetic samples"),
+                               Line2D([], [], color="0.3", linestyle=":", marker="x", markersize=4, label=baseline[1])],
+                      fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(y_label)
         if metric.startswith("memorization."):
@@ -382,7 +400,9 @@ def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_ur
         f"<h1>{_escape(title)}</h1>",
         f"<p>MLflow experiment <code>{_escape(experiment)}</code>, parent run <code>{_escape(parent_run_id)}</code>. "
         "Each trial's figures are read at its last audit; memorization and copies are percentages (0-100). "
-        "Rows of trials that did not finish are highlighted.</p>",
+        "Frechet distances are to one held-out reference shared by every trial; with few samples the distance is "
+        "mostly the estimator's bias, so read each beside its real baseline (a real sample as large as the "
+        "synthetic set, against the same reference). Rows of trials that did not finish are highlighted.</p>",
         f"<h2>Trials ({len(rows)})</h2>",
         table,
         "<h2>Plots</h2>",

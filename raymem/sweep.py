@@ -6,7 +6,8 @@
         from the last checkpoint, TuneReportCallback forwarding its reports), and after each segment audit that
         checkpoint: sample as many images as the trial trained on -> embed them with the study's detector -> exact
         audit against the trial's own training subset -> memorization over the subset and over the subset every
-        trial shares, Frechet distance in the detector's space, MS-SSIM diversity, validation loss.
+        trial shares, Frechet distance in the detector's space against the study's fixed held-out reference (beside
+        a real sample of the same size against it: the small-sample floor), MS-SSIM diversity, validation loss.
         Optional early stop when % copies passes a budget or rises for P audits in a row.
     after the trials: dashboards from MLflow, logged to the parent run.
 
@@ -33,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,9 @@ from raymem import config, storage, tracking
 from raymem.audit import metrics
 from raymem.config import ConfigError, _Strict
 from raymem.jobconfig import STORAGE_ROOT_ENV, AuditSection, DataSection, JobConfig
+
+if TYPE_CHECKING:
+    from raymem.audit.quality import FrechetReference
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,11 @@ class StudyConfig(_Strict):
                     "epoch; None: an epoch is one pass, as in the paper, and larger subsets train more steps")
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n defaults to the "
                                                                     "trial's training images (the paper's rule)")
+    fd_reference_size: int | None = Field(
+        default=None, ge=2,
+        description="rows of the fixed reference every trial's Frechet distance is measured against: a subset drawn "
+                    "with audit.seed from the study's test embeddings (val without a test split); None: all of them. "
+                    "Rows left out serve the real-vs-real baseline")
     audit: AuditSection = Field(default=AuditSection(), description="AuditConfig values, plus distributed")
     early_stop: EarlyStop = Field(default=EarlyStop(), description="memorization-informed early stopping (off)")
     max_concurrent_trials: int = Field(default=1, ge=1, description="trials trained at once (each holds its "
@@ -242,6 +251,24 @@ def _subset_embeddings(source_uri: str, sample_ids: Sequence[str] | None, out_ur
     storage.write_bytes(storage.join(out_uri, "part-00000.parquet"), buffer.getvalue())
 
 
+def _embedding_rows(uri: str, role: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids (m,), patient_ids (m,), embeddings (m, d)) of an embedding-schema folder, in file order."""
+    from raymem.audit.embeddings import EmbeddingSource
+
+    source = EmbeddingSource(uri, role, require_patients=True)
+    return source.sample_ids, source.patient_ids, np.concatenate(list(source.batches()))
+
+
+def _fd_reference(study: StudyConfig, embeddings_uri: str) -> FrechetReference:
+    """The study's fixed Frechet reference from its held-out embeddings (the splits that were embedded): the same
+    for every trial and for the driver, which records it on the parent run."""
+    from raymem.audit.quality import FD_REFERENCE_SPLITS, fixed_reference
+
+    held_out = {split: _embedding_rows(storage.join(embeddings_uri, split), split)
+                for split in FD_REFERENCE_SPLITS if storage.exists(storage.join(embeddings_uri, split))}
+    return fixed_reference(held_out, study.fd_reference_size, study.audit.seed)
+
+
 class _Trial:
     """One trial: its config, its folders, and the audit of one checkpoint. Runs inside a Tune trial actor."""
 
@@ -262,11 +289,30 @@ class _Trial:
         all_ids = shards.load_split(self.cfg.dataset, "train", ["sample_id"])["sample_id"].to_pylist()
         return nested_subset(all_ids, self.cfg.train_size, self.cfg.subset_seed)
 
-    def audit(self, epoch: int, training_ids: list[str] | None, shared_ids: list[str] | None) -> dict[str, float]:
+    def n_synthetic(self, training_ids: list[str] | None) -> int:
+        """Samples per audit: sample.n, else as many as the trial trained on (the paper's rule)."""
+        from raymem.data import shards
+
+        return self.study.sample.get("n") or len(training_ids or []) or \
+            shards.read_manifest(self.cfg.dataset)["splits"]["train"]["images"]
+
+    def frechet_reference(self, training_ids: list[str] | None) -> tuple[FrechetReference, np.ndarray, str]:
+        """The study's fixed Frechet reference, and this trial's real-vs-real baseline sample (as many rows as each
+        audit samples) with where it was drawn from ("held-out" or "train"); see raymem.audit.quality."""
+        from raymem.audit.quality import real_baseline_sample
+
+        reference = _fd_reference(self.study, self.paths["embeddings"])
+        train_ids, _, train_rows = _embedding_rows(storage.join(self.paths["embeddings"], "train"), "train")
+        baseline, source = real_baseline_sample(reference, self.n_synthetic(training_ids), (train_ids, train_rows),
+                                                self.study.audit.seed)
+        return reference, baseline, source
+
+    def audit(self, epoch: int, training_ids: list[str] | None, shared_ids: list[str] | None,
+              reference: FrechetReference, baseline: np.ndarray) -> dict[str, float]:
         """Sample, embed and audit the checkpoint of ``epoch``; the figures (cached in figures.json)."""
         from raymem.audit.embeddings import EmbeddingSource, run_audit, write_outputs
         from raymem.audit.images import audit_report, numeric_items
-        from raymem.audit.quality import frechet_distance, ms_ssim_diversity
+        from raymem.audit.quality import frechet_figures, ms_ssim_diversity
         from raymem.audit.report import write_report
         from raymem.data import shards
         from raymem.embed import embed_dataset
@@ -280,10 +326,9 @@ class _Trial:
         synthetic = storage.join(folder, "synthetic")
         if not storage.exists(storage.join(synthetic, shards.MANIFEST)):
             storage.delete(synthetic)
-            n = self.study.sample.get("n") or len(training_ids or []) or \
-                shards.read_manifest(self.cfg.dataset)["splits"]["train"]["images"]
             sample_run(config.validate(config.SampleConfig, {
-                **self.study.sample, "n": n, "run": run_uri(self.cfg), "epoch": epoch, "out": synthetic}))
+                **self.study.sample, "n": self.n_synthetic(training_ids), "run": run_uri(self.cfg), "epoch": epoch,
+                "out": synthetic}))
         embeddings = storage.join(folder, "embeddings")
         storage.delete(embeddings)
         embed_dataset(config.validate(config.EmbedConfig, {
@@ -303,8 +348,6 @@ class _Trial:
         memorized = train_rows.filter(pc.fill_null(train_rows["is_memorized"], False))["sample_id"].to_pylist()
         shared = shared_ids if shared_ids is not None else train_rows["sample_id"].to_pylist()
         synthetic_images = shards.images_of(shards.load_split(synthetic, "train", ["image"])).astype(np.float32)
-        train_matrix = np.concatenate(list(EmbeddingSource(self.train_embeddings, "train",
-                                                           require_patients=True).batches()))
         synthetic_matrix = np.concatenate(list(EmbeddingSource(storage.join(embeddings, "train"), "synthetic",
                                                                require_patients=False).batches()))
         value_range = tuple(shards.read_manifest(self.cfg.dataset)["intensity_range"])
@@ -315,7 +358,8 @@ class _Trial:
             "memorization/pct_memorized_patients": audited["pct_memorized_patients"],
             "memorization/pct_memorized_shared": metrics.pct_memorized_of_subset(memorized, shared),
             "memorization/threshold": audited["threshold"],
-            "quality/frechet_distance": frechet_distance(synthetic_matrix, train_matrix),
+            **{f"quality/{name}": value for name, value in frechet_figures(synthetic_matrix, reference,
+                                                                           baseline).items()},
             "quality/ms_ssim_diversity": ms_ssim_diversity(synthetic_images, value_range),
             **{f"audit/{name}": value for name, value in numeric_items(audited)},
         }
@@ -355,13 +399,17 @@ def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, A
         if not storage.exists(trial.train_embeddings):
             _subset_embeddings(storage.join(trial.paths["embeddings"], "train"), training_ids, trial.train_embeddings)
         shared_ids = training_ids[:study.shared_size()] if training_ids is not None else None
+        reference, baseline, baseline_source = trial.frechet_reference(training_ids)
+        tracking.log_params(tracked, {"quality.fd_reference_split": reference.split,
+                                      "quality.fd_reference_size": reference.size,
+                                      "quality.fd_real_baseline_source": baseline_source})
         history: list[float] = []
         stopped = None
         for epoch in audit_epochs(trial.cfg.autoencoder_epochs, trial.cfg.diffusion_epochs, study.audit_every):
             segment = trial.cfg.model_copy(update={"diffusion_epochs": epoch + 1 - trial.cfg.autoencoder_epochs})
             if not (storage.exists(run_uri(segment)) and epoch in saved_epochs(run_uri(segment))):
                 train_ldm(segment, tracked=tracked, callbacks=[TuneReportCallback()])
-            figures = trial.audit(epoch, training_ids, shared_ids)
+            figures = trial.audit(epoch, training_ids, shared_ids, reference, baseline)
             tracking.log_metrics(tracked, figures, step=epoch)
             tracked.client.log_artifact(tracked.run_id, _local_copy(
                 storage.join(trial.folder, f"epoch-{epoch:05d}", "audit", "report.html")),
@@ -436,6 +484,9 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
             "audit_every": study.audit_every, "trials": len(study.trials()),
             **{f"levels.{name}": ",".join(map(str, values)) for name, values in levels.items()},
             **{f"early_stop.{name}": value for name, value in study.early_stop.model_dump().items()}})
+        reference = _fd_reference(study, job.paths(root)["embeddings"])
+        tracking.log_params(parent, {"quality.fd_reference_split": reference.split,
+                                     "quality.fd_reference_size": reference.size})
         context["parent_run_id"] = parent.run_id
 
         def trial(factors: dict[str, Any]) -> None:

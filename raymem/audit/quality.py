@@ -2,6 +2,12 @@
 
 - ``frechet_distance``: the Frechet distance between Gaussians fitted to two sets of embeddings. FID's Inception
   network needs downloaded weights, so raymem computes it in the copy detector's embedding space (DESIGN.md).
+- ``fixed_reference``, ``real_baseline_sample`` and ``frechet_figures``: what a sweep's Frechet distances are
+  measured against. With tens of samples in d = 32 the estimator's small-sample bias is larger than most
+  differences between generators, and it shrinks as either set grows; a trial scored against its own training
+  images therefore scores lower the more it copies them, and trials of different sizes are incomparable. So every
+  trial of a study is scored against one held-out reference, and beside each score stands the score of a real
+  sample of the synthetic set's size against that reference: the floor a perfect generator would reach at that size.
 - ``ms_ssim_diversity``: the mean multi-scale SSIM over pairs of synthetic samples, the diversity measure of the
   medical LDM literature (Pinaya et al. 2022); lower means more diverse.
 """
@@ -9,6 +15,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,6 +67,112 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """The symmetric square root of a symmetric positive semi-definite (d, d) matrix; negative rounding clipped."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
+# Held-out splits in order of preference for the Frechet reference: the first with at least 2 rows is used.
+FD_REFERENCE_SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True)
+class FrechetReference:
+    """The fixed real embeddings every trial of a study measures its Frechet distance against.
+
+    split: the held-out split they come from. sample_ids (r,) and embeddings (r, d): the reference rows, in
+    sample_id order. spare (q, d): the held-out rows of patients with no image in the reference (the rest of its
+    split and the other held-out splits), in sample_id order: where the real-vs-real baseline is drawn from first,
+    so that, like a generator's samples, it is independent of the reference.
+    """
+
+    split: str
+    sample_ids: tuple[str, ...]
+    embeddings: np.ndarray
+    spare: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.sample_ids)
+
+
+def fixed_reference(
+    held_out: Mapping[str, tuple[Sequence[str], Sequence[str], np.ndarray]], size: int | None, seed: int
+) -> FrechetReference:
+    """The reference of a study: ``size`` rows (all when None or when the split holds fewer) of its held-out split.
+
+    held_out: split name -> (sample_ids (m,), patient_ids (m,), embeddings (m, d)); splits absent or with fewer
+    than 2 rows are skipped. The reference split is the first of ``FD_REFERENCE_SPLITS`` present. Its rows are put
+    in sample_id order before a permutation drawn with ``seed`` picks ``size`` of them, so the reference depends
+    only on the embeddings, ``size`` and ``seed``, never on the order the files were read in: every trial of a
+    study, reading the study's embeddings, gets the same one.
+    """
+    usable = {split: _in_id_order(*rows) for split, rows in held_out.items()
+              if split in FD_REFERENCE_SPLITS and len(rows[0]) >= 2}
+    if not usable:
+        raise ValueError(f"fixed_reference needs a held-out split ({' or '.join(FD_REFERENCE_SPLITS)}) with at least "
+                         f"2 embeddings; got splits {_row_counts(held_out)}: give the study a val or test split")
+    if size is not None and size < 2:
+        raise ValueError(f"fixed_reference: size must be at least 2 (a covariance needs two rows) or None; got {size}")
+    split = next(name for name in FD_REFERENCE_SPLITS if name in usable)
+    sample_ids, patient_ids, embeddings = usable[split]
+    chosen = np.zeros(len(sample_ids), dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(len(sample_ids))[:size]] = True
+    reference_patients = set(patient_ids[chosen])
+    spare_ids, spare = [], []
+    for ids, patients, rows in usable.values():
+        independent = np.array([patient not in reference_patients for patient in patients], dtype=bool)
+        spare_ids.append(ids[independent])
+        spare.append(rows[independent])
+    spare_ids, spare = np.concatenate(spare_ids), np.concatenate(spare)
+    return FrechetReference(split=split, sample_ids=tuple(sample_ids[chosen]), embeddings=embeddings[chosen],
+                            spare=spare[np.argsort(spare_ids.astype(str), kind="stable")])
+
+
+def real_baseline_sample(
+    reference: FrechetReference, n: int, train: tuple[Sequence[str], np.ndarray], seed: int
+) -> tuple[np.ndarray, str]:
+    """A real sample (n, d) to score against ``reference`` beside a synthetic set of n rows, and where it came from.
+
+    Drawn without replacement with ``seed`` from ``reference.spare`` ("held-out") when it holds n rows, else from
+    train = (sample_ids (m,), embeddings (m, d)), the study's training images ("train": patients outside every
+    held-out split, so also independent of the reference). Neither holding n rows: every row of the larger, which
+    is then fewer than n (the caller records the size). Rows are put in sample_id order first, so the sample, like
+    the reference, depends only on the embeddings, n and ``seed``.
+    """
+    if n < 2:
+        raise ValueError(f"real_baseline_sample: n must be at least 2 (a covariance needs two rows); got {n}")
+    pools = [(reference.spare, "held-out"), (_in_id_order(*train)[-1], "train")]
+    pool, source = next(((rows, name) for rows, name in pools if len(rows) >= n),
+                        max(pools, key=lambda pool: len(pool[0])))
+    picked = np.sort(np.random.default_rng(seed).permutation(len(pool))[:n])
+    return pool[picked], source
+
+
+def frechet_figures(synthetic: np.ndarray, reference: FrechetReference, baseline: np.ndarray) -> dict[str, float]:
+    """A synthetic set's Frechet distance to the fixed reference, and the real-vs-real baseline beside it.
+
+    synthetic (n, d): the generator's embeddings; baseline (n, d): ``real_baseline_sample``'s real sample of the same
+    size. Returns {"frechet_distance", "frechet_distance_real_baseline", "fd_reference_size", "fd_real_baseline_size"}.
+    A generator as good as the real data scores near the baseline at any n; a gap above it is the generator's.
+    """
+    return {
+        "frechet_distance": frechet_distance(synthetic, reference.embeddings),
+        "frechet_distance_real_baseline": frechet_distance(baseline, reference.embeddings),
+        "fd_reference_size": reference.size,
+        "fd_real_baseline_size": len(baseline),
+    }
+
+
+def _in_id_order(sample_ids: Sequence[str], *columns: Sequence) -> tuple[np.ndarray, ...]:
+    """(sample_ids (m,), *columns (m, ...)) sorted by sample_id; the ids must be unique."""
+    ids = np.asarray(sample_ids, dtype=object)
+    arrays = [np.asarray(column) for column in columns]
+    assert all(len(array) == len(ids) for array in arrays), (ids.shape, [array.shape for array in arrays])
+    assert len(set(ids)) == len(ids), "sample_ids must be unique"
+    order = np.argsort(ids.astype(str), kind="stable")
+    return ids[order], *(array[order] for array in arrays)
+
+
+def _row_counts(held_out: Mapping[str, tuple[Sequence[str], np.ndarray]]) -> dict[str, int]:
+    return {split: len(rows[0]) for split, rows in held_out.items()}
 
 
 def ms_ssim_diversity(

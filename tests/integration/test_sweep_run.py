@@ -105,19 +105,36 @@ def test_one_parent_run_with_a_finished_child_run_per_trial(resumed_sweep, study
         1, "FINISHED", {trial: ("FINISHED", True) for trial in TRIALS})
 
 
+PER_AUDIT_METRICS = ("memorization.pct_copies", "memorization.pct_memorized_shared", "quality.frechet_distance",
+                     "quality.frechet_distance_real_baseline", "quality.fd_reference_size",
+                     "quality.fd_real_baseline_size", "quality.ms_ssim_diversity")
+
+
 def test_child_runs_hold_factors_and_per_epoch_figures(resumed_sweep, study_env):
     client, _, children = _runs(study_env["mlflow"], SWEEP)
     seen = {}
     for run in children:
         steps = {metric: sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
-                 for metric in ("memorization.pct_copies", "memorization.pct_memorized_shared",
-                                "quality.frechet_distance", "quality.ms_ssim_diversity")}
+                 for metric in PER_AUDIT_METRICS}
         seen[run.data.tags["raymem.trial"]] = (run.data.params["factor.train_size"],
                                                run.data.params["factor.augment"], steps)
-    expected_steps = dict.fromkeys(("memorization.pct_copies", "memorization.pct_memorized_shared",
-                                    "quality.frechet_distance", "quality.ms_ssim_diversity"), AUDITED_EPOCHS)
+    expected_steps = dict.fromkeys(PER_AUDIT_METRICS, AUDITED_EPOCHS)
     assert seen == {f"n{n}-aug{int(a)}-tiny-e2": (str(n), str(a), expected_steps)
                     for n in (8, 16) for a in (False, True)}
+
+
+def test_every_trial_scores_frechet_distance_against_the_studys_one_reference_beside_a_baseline_of_its_size(
+        resumed_sweep, study_env):
+    # The tiny study has no test split: the reference is all 8 val images (4 patients), so the baseline is drawn
+    # from the study's training images, as many as the trial samples (its training-set size).
+    _, parents, children = _runs(study_env["mlflow"], SWEEP)
+    seen = {run.data.tags["raymem.trial"]: (
+        run.data.params["quality.fd_reference_split"], run.data.params["quality.fd_reference_size"],
+        run.data.metrics["quality.fd_reference_size"], run.data.params["quality.fd_real_baseline_source"],
+        run.data.metrics["quality.fd_real_baseline_size"]) for run in children}
+    parent = (parents[0].data.params["quality.fd_reference_split"], parents[0].data.params["quality.fd_reference_size"])
+    assert (parent, seen) == (("val", "8"), {f"n{n}-aug{a}-tiny-e2": ("val", "8", 8.0, "train", float(n))
+                                            for n in (8, 16) for a in (0, 1)})
 
 
 def test_dashboard_plots_are_logged_to_the_parent_run(resumed_sweep, study_env):

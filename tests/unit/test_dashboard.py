@@ -13,7 +13,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from raymem.dashboard import build_dashboard
+from raymem.dashboard import FRECHET, FRECHET_BASELINE, Trial, _per_epoch_figure, build_dashboard
 
 EXPERIMENT = "phantom-study"
 SWEEP = "grid"
@@ -48,6 +48,7 @@ def _log_trial(client: MlflowClient, exp_id: str, parent_id: str, key: str, spec
                     Metric("memorization.pct_memorized_patients", memorized + 1.0, stamp, epoch),
                     Metric("memorization.pct_memorized_shared", memorized + 2.0, stamp, epoch),
                     Metric("quality.frechet_distance", 100.0 / epoch, stamp, epoch),
+                    Metric("quality.frechet_distance_real_baseline", 10.0 / int(factors["train_size"]), stamp, epoch),
                     Metric("quality.ms_ssim_diversity", 0.5, stamp, epoch)]
     client.log_batch(run_id, metrics=metrics, params=[Param(name, value) for name, value in params.items()])
     client.set_terminated(run_id, status=status)
@@ -123,6 +124,28 @@ def test_trials_csv_holds_each_trials_figures_at_its_last_audit(dashboard):
         "n128-aug0-tiny": ("FINISHED", "4", 30.0, 6.0, "4"),
         "n128-aug1-tiny": ("FAILED", "2", 5.0, 2.0, ""),
     }
+
+
+def test_trials_csv_holds_each_trials_frechet_distance_beside_its_real_baseline(dashboard):
+    rows = {row["trial"]: (float(row["frechet_distance"]), float(row["frechet_distance_real_baseline"]))
+            for row in _csv_rows(dashboard)}
+
+    assert rows == {"n16-aug0-tiny": (100.0 / 7, 0.625), "n16-aug1-tiny": (100.0 / 7, 0.625),
+                    "n128-aug0-tiny": (100.0 / 5, 10.0 / 128), "n128-aug1-tiny": (100.0 / 3, 10.0 / 128)}
+
+
+def test_per_epoch_plot_draws_each_trials_frechet_baseline_dotted_in_its_panel_with_a_legend():
+    trial = Trial(key="n8-aug0-tiny", run_id="run", status="FINISHED", factors={"train_size": "8"},
+                  autoencoder_epochs=1, early_stopped_epoch=None,
+                  histories={FRECHET: {1: 1.4, 2: 1.1}, FRECHET_BASELINE: {1: 1.2, 2: 1.2}})
+
+    panel = next(ax for ax in _per_epoch_figure([trial]).axes if ax.get_title().startswith("Frechet"))
+    dotted = [(list(line.get_xdata()), list(line.get_ydata()), line.get_label()) for line in panel.get_lines()
+              if line.get_linestyle() == ":"]
+    legend = [text.get_text() for text in panel.get_legend().get_texts()]
+
+    assert (dotted, legend) == ([([1, 2], [1.2, 1.2], "n8-aug0-tiny: real sample of the same size (baseline)")],
+                                ["synthetic samples", "real sample of the same size (baseline)"])
 
 
 def test_trials_are_listed_in_numeric_order_of_their_levels(dashboard):
