@@ -101,46 +101,6 @@ class Neighbours:
         return self.best > threshold
 
 
-def best_of(first: Neighbours, second: Neighbours) -> Neighbours:
-    """Each query's best match over two disjoint reference sets (indices already in one index space).
-
-    Ties go to the lower index. Refining the result refines the rows in both parts.
-    """
-
-    def pick(scores_1, indices_1, scores_2, indices_2):
-        second_wins = (scores_2 > scores_1) | ((scores_2 == scores_1) & (indices_2 < indices_1))
-        return np.where(second_wins, scores_2, scores_1), np.where(second_wins, indices_2, indices_1)
-
-    def recompute(rows):
-        first.refine(rows)
-        second.refine(rows)
-        scores, indices = pick(first.scores[rows, :1], first.indices[rows, :1], second.scores[rows, :1],
-                               second.indices[rows, :1])
-        return scores, indices
-
-    scores, indices = pick(first.scores[:, :1], first.indices[:, :1], second.scores[:, :1], second.indices[:, :1])
-    return Neighbours(scores, indices, recompute)
-
-
-def concatenate(parts: Sequence[Neighbours]) -> Neighbours:
-    """The queries of several Neighbours one after another (best match only); refining refines the parts."""
-    starts = np.cumsum([0] + [len(part) for part in parts])
-
-    def recompute(rows):
-        scores, indices = np.empty((len(rows), 1)), np.empty((len(rows), 1), dtype=np.int64)
-        for part, start, stop in zip(parts, starts[:-1], starts[1:]):
-            mine = (rows >= start) & (rows < stop)
-            part.refine(rows[mine] - start)
-            scores[mine], indices[mine] = part.scores[rows[mine] - start, :1], part.indices[rows[mine] - start, :1]
-        return scores, indices
-
-    return Neighbours(
-        np.concatenate([part.scores[:, :1] for part in parts]),
-        np.concatenate([part.indices[:, :1] for part in parts]),
-        recompute,
-    )
-
-
 def percentile_threshold(null: Neighbours, percentile: float) -> float:
     """numpy.percentile(null best scores, percentile) (linear), with the scores that decide it in float64.
 
@@ -211,21 +171,6 @@ class TopPairs:
         """Pairs strictly above threshold (threshold must be at least the smallest kept score + DECISION_BAND)."""
         self.refine_near([threshold])
         return int((self.scores > threshold).sum())
-
-
-def union_pairs(parts: Sequence[TopPairs]) -> TopPairs:
-    """The pairs of several searches with the same rows and disjoint columns (cols already in one index space,
-    one shared recompute function); scores already refined stay exact."""
-    assert all(part.recompute is parts[0].recompute for part in parts)
-    union = TopPairs(
-        np.concatenate([part.scores for part in parts]),
-        np.concatenate([part.rows for part in parts]),
-        np.concatenate([part.cols for part in parts]),
-        sum(part.n_pairs for part in parts),
-        parts[0].recompute,
-    )
-    union.exact = np.concatenate([part.exact for part in parts])
-    return union
 
 
 def max_of_draws_quantile(percentile: float, n_draws: int) -> float:

@@ -8,15 +8,13 @@ estimator and its 95 % interval; docs/statistics.md states the assumptions and t
   samples that come in clusters (several images of one patient are not independent): Wilson at the effective
   size n / deff, deff from the cluster-robust variance of the share (Kish; at least 1).
 - ``share``: a share with its interval, clustered or not, as a ``Share`` (estimate and interval in 0-1).
-- ``memorized_flag_rate``: the rate at which a training image (or patient) would be flagged as memorized by
+- ``memorized_rate_interval``: the rate at which a training image (or patient) would be flagged as memorized by
   ``n_draws`` novel samples, from the pairs in which real held-out samples score above the threshold. Per image
   j with c_j of n evaluation samples above the threshold, the probability that n_draws of them drawn without
   replacement hold at least one is 1 - C(n - c_j, n_draws) / C(n, n_draws): for independent evaluation samples an
   unbiased estimate of 1 - (1 - q_j) ** n_draws, q_j the image's own single-draw rate (so images that are hubs
-  count as hubs, unlike a threshold that assumes one score distribution for all). With more draws than evaluation
-  samples it extrapolates with the plug-in 1 - (1 - c_j / n) ** n_draws.
-- ``memorized_rate_interval``: that rate with a Wilson interval at the effective size from a jackknife over
-  evaluation patients; measured at most at n_eval - (largest patient) draws and carried up to n_draws by a bound.
+  count as hubs, unlike a threshold that assumes one score distribution for all). Its 95 % interval is Wilson's at the effective size from a jackknife over evaluation patients; the rate is
+  measured at most at n_eval - (largest patient) draws and carried up to n_draws by a bound.
 - ``auc_interval``: a stratified percentile bootstrap of the ROC AUC.
 """
 
@@ -111,44 +109,19 @@ def _log_choose(n: np.ndarray, k: int) -> np.ndarray:
 
 
 def flag_probability(counts: np.ndarray, n_eval: np.ndarray | int, n_draws: int) -> np.ndarray:
-    """Probability that n_draws novel samples flag a unit, from counts (...,) of n_eval evaluation samples above
-    the threshold: 1 - C(n_eval - c, n_draws) / C(n_eval, n_draws) when n_draws <= n_eval (unbiased for
-    independent evaluation samples), else the plug-in 1 - (1 - c / n_eval) ** n_draws. Shapes broadcast."""
+    """Probability that n_draws of n_eval evaluation samples, drawn without replacement, hold at least one of the
+    counts (...,) above the threshold: 1 - C(n_eval - c, n_draws) / C(n_eval, n_draws), unbiased for 1 - (1 - q)
+    ** n_draws when the evaluation samples are independent. Needs n_draws <= n_eval; shapes broadcast."""
     counts = np.asarray(counts, dtype=np.float64)
     n_eval = np.broadcast_to(np.asarray(n_eval, dtype=np.float64), counts.shape)
+    assert (n_eval >= n_draws).all(), "measure at most n_eval draws (memorized_rate_interval brackets beyond)"
     out = np.zeros(counts.shape)
-    exact = n_eval >= n_draws
     free = n_eval - counts
-    zero_chance = exact & (free < n_draws)  # every n_draws-subset holds an exceedance
-    out[zero_chance] = 1.0
-    hyper = exact & ~zero_chance & (counts > 0)
+    certain = free < n_draws  # every n_draws-subset holds an exceedance
+    out[certain] = 1.0
+    hyper = ~certain & (counts > 0)
     out[hyper] = 1.0 - np.exp(_log_choose(free[hyper], n_draws) - _log_choose(n_eval[hyper], n_draws))
-    plug = ~exact & (n_eval > 0)
-    out[plug] = 1.0 - (1.0 - counts[plug] / n_eval[plug]) ** n_draws
     return out
-
-
-def _unit_counts(pair_units: np.ndarray, pair_cols: np.ndarray, n_units: int, col_weights: np.ndarray) -> np.ndarray:
-    """(B, n_units) weighted counts of distinct evaluation columns above the threshold per unit, one row per
-    weight vector (B, n_eval)."""
-    key = np.unique(np.stack([pair_units, pair_cols]), axis=1)  # a column counts once per unit (patient units)
-    counts = np.zeros((col_weights.shape[0], n_units))
-    if key.shape[1]:
-        np.add.at(counts.T, key[0], col_weights[:, key[1]].T)
-    return counts
-
-
-def memorized_flag_rate(pair_rows: np.ndarray, pair_cols: np.ndarray, n_train: int, n_eval: int, n_draws: int,
-                        train_groups: np.ndarray | None = None) -> float:
-    """The rate (0-1) at which a training image, or a training patient (train_groups (n_train,) labels), would be
-    flagged as memorized by n_draws novel samples.
-
-    pair_rows, pair_cols (p,): every (training row, evaluation row) pair whose score is strictly above the
-    threshold. A patient is flagged when a novel sample scores above the threshold with any of its images.
-    """
-    units, n_units = _units(pair_rows, n_train, train_groups)
-    counts = _unit_counts(units, np.asarray(pair_cols, dtype=np.int64), n_units, np.ones((1, n_eval)))[0]
-    return float(flag_probability(counts, n_eval, n_draws).mean()) if n_units else 0.0
 
 
 def _units(pair_rows: np.ndarray, n_train: int, train_groups: np.ndarray | None) -> tuple[np.ndarray, int]:
@@ -162,7 +135,10 @@ def _units(pair_rows: np.ndarray, n_train: int, train_groups: np.ndarray | None)
 def memorized_rate_interval(pair_rows: np.ndarray, pair_cols: np.ndarray, n_train: int, eval_groups: np.ndarray,
                             n_draws: int, train_groups: np.ndarray | None = None,
                             resampled: str = "evaluation patients") -> Share:
-    """``memorized_flag_rate`` with its 95 % interval.
+    """The rate (0-1) at which a training image, or a training patient (train_groups (n_train,) labels), would be
+    flagged as memorized by n_draws novel samples, with its 95 % interval. pair_rows, pair_cols (p,): every
+    (training row, evaluation row) pair scoring strictly above the threshold; a patient is flagged when a novel
+    sample scores above the threshold with any of its images; eval_groups (n_eval,) the evaluation samples' patients.
 
     The rate is measured exactly (without-replacement form) at n' = min(n_draws, n_eval - the largest group)
     draws, so every delete-one-group jackknife replicate is exact too; the jackknife's standard error gives a
