@@ -108,7 +108,7 @@ def test_distributed_audit_equals_the_single_process_audit(cluster, tmp_path):
 
     rng = np.random.default_rng(1)
     uris = []
-    for name, n in (("train", 500), ("val", 150), ("synthetic", 400)):
+    for name, n in (("train", 500), ("val", 150), ("synthetic", 400), ("test", 150), ("null", 120)):
         embeddings = rng.standard_normal((n, 16)).astype(np.float32)
         pq.write_table(pa.table({
             "sample_id": [f"{name}{i}" for i in range(n)],
@@ -116,8 +116,9 @@ def test_distributed_audit_equals_the_single_process_audit(cluster, tmp_path):
             "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32(), 16)),
         }), tmp_path / f"{name}.parquet", row_group_size=61)
         uris.append(str(tmp_path / f"{name}.parquet"))
-    options = {"calibration": "matched", "plant_copies": 20, "block_rows": 128, "progress": False}
+    options = {"calibration": "generator", "plant_copies": 20, "block_rows": 128, "progress": False,
+               "test_uri": uris[3], "null_uri": uris[4], "reference_ids": [f"train{i}" for i in range(0, 500, 2)]}
 
-    single, spread = run_audit(*uris, **options), run_audit(*uris, distributed=True, **options)
+    single, spread = run_audit(*uris[:3], **options), run_audit(*uris[:3], distributed=True, **options)
 
     assert (spread.metrics, spread.matches.to_pylist()) == (single.metrics, single.matches.to_pylist())
