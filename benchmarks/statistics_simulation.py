@@ -4,13 +4,15 @@ For each scenario of raymem.audit.simulation.SCENARIOS, R repetitions: draw the 
 own calibrations on them, compute the true rates at its thresholds from fresh samples; print, per calibration and
 figure, the mean true rate, the mean measured rate, the mean error, the mean 95 % interval width and the share of
 intervals that hold the truth (coverage), as a Markdown table. Variants (other estimators on the same draws,
-broken on purpose or proposed) are listed with --variants. The tests (tests/unit/test_statistics_simulation.py)
+broken on purpose, and the test patients' copy rate held against a shifted generator's) are listed with
+--variants. The tests (tests/unit/test_statistics_simulation.py)
 run the same code with fewer repetitions.
 
     .venv/bin/python benchmarks/statistics_simulation.py [--repetitions 200] [--calibrations matched paper]
         [--scenarios iid patients ...] [--variants] [--out results.json]
 
-No Ray, one core (BLAS limited to one thread); about 0.05-0.15 s of CPU per repetition and scenario.
+No Ray, one core (BLAS limited to one thread); about 0.06-0.18 s of CPU per repetition and scenario (about
+160 s for all ten at 200 repetitions).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(simulation.SCENARIOS),
                         choices=list(simulation.SCENARIOS), metavar="SCENARIO")
     parser.add_argument("--calibrations", nargs="+", default=["paper", "matched", "generator"])
-    parser.add_argument("--variants", action="store_true", help="also the broken and proposed variants")
+    parser.add_argument("--variants", action="store_true", help="also simulation.VARIANTS (not audit figures)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write every row as JSON here too")
     args = parser.parse_args()

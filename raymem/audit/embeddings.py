@@ -48,6 +48,7 @@ PLANTED_NOISE = 0.1  # planted copy = training embedding + N(0, (PLANTED_NOISE *
 REPORT_PAIRS = 24  # highest-scoring synthetic/training pairs handed to the report
 MAX_TOP_PAIRS = 1 << 25  # largest train x validation scores the matched null may need (~0.7 GiB on the driver)
 READ_BATCH_ROWS = 8192
+MAX_BRACKET = 2  # generated samples beyond this many times the measurable draws: the memorized FPR gets a warning
 MIN_GENERATED = 100  # fewer generated samples than this: the memorized shares' intervals get a warning
 MIN_PAPER_NULL = 100  # fewer training images than this: the paper's tau (one null value per image) gets a warning
 _MAX_NAMED = 10  # sample ids named in an error message
@@ -617,13 +618,15 @@ def audit_metrics(*, inputs: AuditInputs, searches: metrics.Searches, calibratio
     if inputs.fpr_source == "val-half":
         figures["validation_split"] = {"n_val": [len(inputs.calibrate), len(inputs.evaluate)],
                                        "n_patients": [n_val_patients, n_eval_patients]}
-    figures["warnings"] = audit_warnings(figures, n_val_patients)
+    largest_eval_patient = int(np.unique(inputs.evaluate.patient_ids.astype(str), return_counts=True)[1].max())
+    figures["warnings"] = audit_warnings(figures, n_val_patients, len(inputs.evaluate) - largest_eval_patient)
     return figures
 
 
-def audit_warnings(figures: dict, n_val_patients: int) -> list[str]:
+def audit_warnings(figures: dict, n_val_patients: int, measurable_draws: int) -> list[str]:
     """What a reader must know before trusting the figures: small evaluation or calibration sets, no test split,
-    fewer generated samples than training images."""
+    few generated samples, a memorized false-positive rate carried far beyond the draws the evaluation set can
+    measure (measurable_draws: n_eval - its largest patient, raymem.audit.statistics.memorized_rate_interval)."""
     warnings = []
     minimum = statistics.MIN_EVAL_PATIENTS
     if figures["fpr_source"] == "val-half":
@@ -639,6 +642,10 @@ def audit_warnings(figures: dict, n_val_patients: int) -> list[str]:
         warnings.append(f"the paper's tau is a percentile of only {figures['n_train']} values (one per training "
                         "image): it moves a lot between training sets; calibration 'matched' takes one value per "
                         "validation image")
+    if figures["n_synthetic"] > MAX_BRACKET * measurable_draws:
+        warnings.append(f"the evaluation set measures the memorized false-positive rate at {measurable_draws} draws; "
+                        f"for {figures['n_synthetic']} generated samples it is carried up by an upper bound, so it "
+                        "reads high: more test patients make it tighter")
     if figures["n_synthetic"] < MIN_GENERATED:
         warnings.append(f"only {figures['n_synthetic']} generated samples: the intervals of the memorized shares "
                         "rest on a two-way clustering approximation that covers less than 95 % this small "

@@ -395,18 +395,14 @@ def _one_thread():
 
 
 # Variants: other estimators run on the same draws, to show what the tolerance of the tests rejects (broken on
-# purpose) and what a proposed fix scores. name -> (f(draw, calibration name) -> (estimate, lo, hi) in 0-1, the
-# true rate it is compared with). None of them is an audit figure.
-
-
-def _eval_pairs_above(audit: Draw, name: str) -> tuple[np.ndarray, np.ndarray]:
-    return audit.searches.eval_pairs.above(audit.calibrations[name].threshold_memorized)
+# purpose) and what the evaluation set cannot see. name -> (f(draw, calibration name) -> (estimate, lo, hi) in
+# 0-1, the true rate it is compared with). None of them is an audit figure.
 
 
 def _val_half_draws(audit: Draw, name: str) -> tuple[float, float, float]:
-    """Broken: the memorized false-positive rate at n_eval draws (the old code's number of draws: the size of
+    """Broken: the memorized false-positive rate at n_eval draws (an early version's number of draws: the size of
     the evaluating validation half) instead of n_synthetic."""
-    rows, cols = _eval_pairs_above(audit, name)
+    rows, cols = audit.searches.eval_pairs.above(audit.calibrations[name].threshold_memorized)
     share = statistics.memorized_rate_interval(rows, cols, len(audit.train), audit.eval_patients, len(audit.evaluate))
     return share.estimate, share.lo, share.hi
 
@@ -415,37 +411,6 @@ def _unclustered_wilson(audit: Draw, name: str) -> tuple[float, float, float]:
     """Broken: measured_fpr_copies with a Wilson interval over n_eval images, as if no two came from one patient."""
     flags = audit.searches.eval_to_train.exceeds(audit.calibrations[name].threshold_copies)
     return (float(flags.mean()), *statistics.wilson_interval(int(flags.sum()), len(flags)))
-
-
-def bracketed_rate_interval(pair_rows, pair_cols, n_train: int, eval_groups, n_draws: int,
-                            train_groups=None) -> statistics.Share:
-    """A proposed fix of ``statistics.memorized_rate_interval`` when n_draws exceeds what the evaluation samples
-    can measure exactly (docs/statistics.md). n' = n_eval - the largest evaluation patient: every delete-one-
-    patient jackknife replicate keeps the exact (hypergeometric) form. n_draws <= n': the audit's estimator as it
-    is. Otherwise rate(n') (unbiased) is a lower bound of rate(n_draws) (more draws flag more), and
-    1 - (1 - rate(n')) ** (n_draws / n') an upper bound (Jensen: equal when every unit has the same single-draw
-    rate); estimate = the upper bound, interval = [lower end of rate(n')'s interval, the upper bound at its upper
-    end]."""
-    eval_groups = np.asarray(eval_groups).astype(str)
-    exact = len(eval_groups) - int(np.unique(eval_groups, return_counts=True)[1].max())
-    if n_draws <= exact:
-        return statistics.memorized_rate_interval(pair_rows, pair_cols, n_train, eval_groups, n_draws, train_groups)
-    at_exact = statistics.memorized_rate_interval(pair_rows, pair_cols, n_train, eval_groups, exact, train_groups)
-
-    def upper(rate: float) -> float:
-        return 1.0 - (1.0 - rate) ** (n_draws / exact)
-
-    return statistics.Share(upper(at_exact.estimate), at_exact.lo, upper(at_exact.hi),
-                            f"{at_exact.method}; bracketed from {exact} to {n_draws} draws")
-
-
-def _bracketed(patients: bool):
-    def compute(audit: Draw, name: str) -> tuple[float, float, float]:
-        rows, cols = _eval_pairs_above(audit, name)
-        share = bracketed_rate_interval(rows, cols, len(audit.train), audit.eval_patients, audit.scenario.n_synthetic,
-                                        audit.train_patients if patients else None)
-        return share.estimate, share.lo, share.hi
-    return compute
 
 
 def _test_rate_against_the_generator(audit: Draw, name: str) -> tuple[float, float, float]:
@@ -459,8 +424,6 @@ VARIANTS = {
     "measured_fpr_copies vs the generator's rate": (_test_rate_against_the_generator, "copies"),
     "broken: val-half draws": (_val_half_draws, "fpr_memorized"),
     "broken: unclustered Wilson": (_unclustered_wilson, "fpr_copies"),
-    "proposed: bracketed memorized": (_bracketed(False), "fpr_memorized"),
-    "proposed: bracketed memorized patients": (_bracketed(True), "fpr_memorized_patients"),
 }
 
 

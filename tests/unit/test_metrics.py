@@ -458,3 +458,15 @@ def test_early_stop_when_copies_rise_for_p_audits_in_a_row():
 
 def test_no_stopping_rule_never_stops():
     assert metrics.memorization_stop_reason([0.0, 50.0, 100.0]) is None
+
+
+def test_a_memorized_rate_carried_far_beyond_the_measurable_draws_gets_a_warning(tmp_path):
+    rng = np.random.default_rng(18)
+    uris = [write_embeddings(tmp_path / f"{name}.parquet", rng.standard_normal((n, 16)), prefix)
+            for name, n, prefix in (("train", 100, "t"), ("val", 60, "v"), ("synthetic", 100, "s"))]
+    small, large = (write_embeddings(tmp_path / f"test{n}.parquet", rng.standard_normal((n, 16)), "e") for n in (40, 60))
+
+    warned = [any("carried up by an upper bound" in w for w in run_audit(*uris, test_uri=test, progress=False)
+                  .metrics["warnings"]) for test in (small, large)]
+
+    assert warned == [True, False]  # 38 measurable draws < 100 / 2 <= 58

@@ -7,16 +7,17 @@ at that audit's thresholds from 10,000 fresh samples of the generating distribut
 repetitions a figure passes when its 95 % interval holds the truth in at least MIN_COVERAGE of them and its mean
 error is at most MAX_BIAS_PER_WIDTH of its mean interval width.
 
-Why these tolerances: a correct 95 % interval falls below 0.85 in 60 repetitions with probability about 0.2 %
+Why these tolerances: a correct 95 % interval covers fewer than 51 of 60 repetitions with probability under 0.1 %
 (binomial), so a pass is reliable. On these seeds (60 repetitions, paper / matched calibration):
 - the memorized false-positive rate at the val-half number of draws (n_eval instead of n_synthetic), scenario
-  "more generated than test": coverage 0.25 / 0.35, mean error -1.00 / -0.87 of the interval width: rejected;
-- the audit's own memorized estimator where n_synthetic > n_eval (its plug-in extrapolation): coverage
-  0.22 / 0.38 ("more generated than test"), 0.70 / 0.75 ("val-half"): rejected (xfail below: a bug in
-  raymem.audit.statistics, docs/statistics.md "Known problems");
+  "more generated than test": coverage 0.45 / 0.60, mean error -0.68 / -0.57 of the interval width: rejected;
 - measured_fpr_copies with a Wilson interval that ignores patients (n = n_eval images): coverage 0.87 / 0.90
-  there, 0.92-0.98 elsewhere: a mild failure this tolerance does NOT reject (the copy rate's design effect is
-  small in these scenarios).
+  there, 0.92-1.00 elsewhere: a mild failure this tolerance does NOT reject (the copy rate's design effect is
+  small in these scenarios);
+- the closest pass: the audit's measured_fpr_memorized(_patients) in "more generated than test" (4 images of a
+  patient correlating 0.8, no hubs: the without-replacement form counts them as independent draws and reads
+  25-28 % low): coverage 0.85-0.90, mean error up to -0.248 of the width (paper), at the tolerance's edge;
+  200 repetitions give 21-22 % low, coverage 0.90-0.93, mean error -0.16 to -0.22 of the width.
 docs/statistics.md has the full table (benchmarks/statistics_simulation.py, 200 repetitions).
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 
 from raymem.audit import simulation, statistics
-from raymem.audit.embeddings import run_audit
+from raymem.audit.embeddings import MIN_GENERATED, run_audit
 
 REPETITIONS = 60
 MIN_COVERAGE = 0.85
@@ -62,19 +63,30 @@ def test_copy_rates_track_the_truth_and_their_intervals_cover_it(scenario):
 
 @pytest.mark.parametrize("scenario", ["patients+hubs", "10 val patients"])
 def test_memorized_false_positive_rates_track_the_truth_with_enough_evaluation_samples(scenario):
-    """320 evaluation images for 240 generated samples (the exact, hypergeometric regime): measured_fpr_memorized
-    and measured_fpr_memorized_patients against the mean over training images (patients) of P(at least one of
-    n_synthetic fresh novel samples scores above the memorized threshold)."""
+    """320 evaluation images for 240 generated samples (n_eval - the largest patient >= n_synthetic: measured
+    exactly, without-replacement form): measured_fpr_memorized and measured_fpr_memorized_patients against the mean
+    over training images (patients) of P(at least one of n_synthetic fresh novel samples scores above the memorized
+    threshold)."""
     assert failures(scenario, ["measured_fpr_memorized", "measured_fpr_memorized_patients"]) == []
 
 
 @pytest.mark.parametrize("scenario", ["val-half", "more generated than test"])
 def test_memorized_false_positive_rates_track_the_truth_with_more_generated_than_evaluation_samples(scenario):
-    """160 evaluation images (40 patients) for 240 generated samples: the usual case (an evaluation set smaller
-    than the generated set). The audit's estimator covers 0.70-0.75 (val-half, hubs) and 0.10-0.40 (more
-    generated than test, no hubs) and reads 35-60 % low; the bracketed proposal (simulation.VARIANTS) covers
-    0.97-1.00 and 0.85-0.90."""
+    """160 evaluation images (40 patients) for 240 generated samples, the usual case: the rate is measured at
+    n' = 156 draws (n_eval - the largest patient) and carried up to 240 by 1 - (1 - r) ** (240 / n'), an upper
+    bound (exact for training images of one score distribution, above the truth with hubs: val-half reads 11-15 %
+    high over 200 repetitions); the interval runs from its lower end at n' to the carried upper end."""
     assert failures(scenario, ["measured_fpr_memorized", "measured_fpr_memorized_patients"]) == []
+
+
+@pytest.mark.parametrize("scenario", ["patients+hubs", "10 val patients", "val-half", "more generated than test"])
+def test_memorized_shares_track_the_truth_and_their_intervals_cover_it(scenario):
+    """240 generated samples: pct_memorized_train (clustered by training patient and by the generated sample that
+    flags each image) and pct_memorized_patients (by the flagging generated sample) against the generator's
+    expected shares. With hubs the two-way design effect is conservative (coverage 0.98-1.00); with 32 generated
+    samples it covers 0.82-0.95 in 60 repetitions (0.90-0.94 in 200), hence the audit's warning below 100 generated
+    samples (not tested here)."""
+    assert failures(scenario, ["pct_memorized_train", "pct_memorized_patients"]) == []
 
 
 def test_the_tolerance_rejects_the_val_half_number_of_draws():
@@ -165,3 +177,19 @@ def test_fewer_than_ten_evaluation_patients_get_a_warning(tmp_path, n_test_patie
     assert (figures["n_eval_patients"], bool(messages)) == (n_test_patients, warned), figures["warnings"]
     if warned:
         assert f"only {n_test_patients} evaluation patients" in messages[0]
+
+
+@pytest.mark.parametrize("n_synthetic, warned", [(MIN_GENERATED - 1, True), (MIN_GENERATED, False)])
+def test_fewer_than_100_generated_samples_get_a_warning(tmp_path, n_synthetic, warned):
+    """The memorized shares' two-way design effect covered 0.90-0.94 with 32 generated samples (docs/statistics.md):
+    below MIN_GENERATED the report says so."""
+    scenario = replace(simulation.SCENARIOS["patients+hubs"], n_train_patients=20, n_val_patients=20,
+                       n_test_patients=20, n_synthetic=n_synthetic)
+    uris = simulation.draw(scenario, np.random.default_rng(3)).write_parquet(tmp_path)
+
+    figures = run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], progress=False).metrics
+
+    messages = [w for w in figures["warnings"] if "memorized shares" in w]
+    assert bool(messages) == warned, figures["warnings"]
+    if warned:
+        assert messages[0].startswith(f"only {n_synthetic} generated samples")
