@@ -20,6 +20,7 @@ from raymem import storage
 from raymem.config import IngestConfig, SampleConfig
 from raymem.data import formats, shards
 from raymem.data.ingest import SYNTHETIC_PATIENT, write_dataset
+from raymem.data.stream import ordered
 
 _EPOCH_FOLDER = re.compile(r"^epoch-(\d+)/ldm\.pt$")
 
@@ -85,7 +86,9 @@ def sample_run(cfg: SampleConfig) -> dict[str, Any]:
         raise ValueError(f"epoch {epoch} of {cfg.run} is an autoencoder-stage checkpoint (no diffusion training yet); "
                          "sample a later epoch")
     run_name = meta["run_name"]
-    generated = ray.data.range(cfg.n).map_batches(
+    # Ordered: the same indices share an actor call in every run (batch composition can move float results) and
+    # the samples are written in index order.
+    generated = ordered(ray.data.range(cfg.n)).map_batches(
         _Sampler, batch_size=cfg.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"checkpoint": checkpoint, "base_seed": cfg.seed, "ddim_steps": cfg.ddim_steps},
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_gpus=1 if cfg.use_gpu else 0)

@@ -451,7 +451,8 @@ def pseudonym_key_from_env(var: str = "RAYMEM_PSEUDONYM_KEY") -> tuple[bytes, bo
     if value is None:
         logger.warning(
             "%s is not set: using a random pseudonym key, so patient ids will not match those of any other "
-            "ingest (a later audit cannot link the same patient across datasets). Set %s to a fixed secret.",
+            "ingest (a later audit cannot link the same patient across datasets, and the patient split changes "
+            "with every ingest). Set %s to a fixed secret.",
             var,
             var,
         )

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from raymem import storage
 from raymem.config import IngestConfig
 from raymem.data import formats, shards, transforms
+from raymem.data.stream import ordered
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,10 @@ def ingest(src_uri: str, dataset_uri: str, cfg: IngestConfig) -> IngestSummary:
     log.info("ingest: %d units of work (%d set aside while grouping DICOM series)", len(units), len(bad_rows))
 
     # Enough blocks to keep every CPU busy, few enough that per-task overhead stays small next to ~1 ms per image.
+    # Ordered: the shards hold the same rows in the same (sorted path) order in every run.
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_blocks = min(len(units), max(4 * cpus, len(units) // 256))
-    processed = ray.data.from_items(units, override_num_blocks=n_blocks).map_batches(
+    processed = ordered(ray.data.from_items(units, override_num_blocks=n_blocks)).map_batches(
         _process_units, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg, "key": key})
     try:
         processed = processed.materialize()

@@ -1,4 +1,10 @@
-"""Stream a committed dataset split through Ray Data, augmented, ready for ``iter_torch_batches`` in Ray Train."""
+"""Stream a committed dataset split through Ray Data, augmented, ready for ``iter_torch_batches`` in Ray Train.
+
+Ordered execution (``ordered``, ``ordered_ingest``): Ray Data runs tasks in parallel and by default hands blocks on
+in completion order, so which rows share a batch, which Train worker gets which rows and the order rows are written
+in change from run to run, and with them every trained weight and figure. Every pipeline whose order reaches a result
+runs ordered (one seed, one result); the tasks still run in parallel, only their outputs wait for their turn.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +36,31 @@ def _to_float_and_augment(batch: dict[str, np.ndarray], augment: AugmentConfig, 
     return {**batch, "image": images}
 
 
+def ordered(ds):
+    """``ds`` (a ``ray.data.Dataset``, changed in place and returned) with ordered execution: blocks and batches in
+    input order, so batch composition and output order repeat exactly from run to run."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def ordered_ingest():
+    """Ray Train's ``dataset_config``: each worker's shard streamed in order, and the split between workers fixed.
+
+    With ``preserve_order`` Ray Data's ``streaming_split`` drops its locality hints and deals blocks in order, so
+    every rank gets the same rows in the same order in every run (the default deals them as they finish).
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
 def open_split(dataset_uri: str, split: str, *, augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0,
                columns: Sequence[str] = ("image",), sample_ids: Sequence[str] | None = None):
-    """A committed split as a ``ray.data.Dataset`` of float32 images (B, 1, *spatial), augmented on the fly.
+    """A committed split as an ordered ``ray.data.Dataset`` of float32 images (B, 1, *spatial), augmented on the fly.
+
+    Rows come in stored order (ordered execution); a Ray Train trainer keeps that order with ``ordered_ingest()``.
 
     ``augment=None`` or ``augment.enabled=False`` streams the images as stored (augmentation is a study factor).
     ``columns`` default to the image alone, which `iter_torch_batches` needs (strings do not become tensors).
@@ -48,7 +76,7 @@ def open_split(dataset_uri: str, split: str, *, augment: AugmentConfig | None = 
     fs, _ = storage.filesystem(files[0])
     paths = [storage.filesystem(uri)[1] for uri in files]
     needed = list(dict.fromkeys([*columns, "sample_id"]))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=needed)
+    ds = ordered(ray.data.read_parquet(paths, filesystem=fs, columns=needed))
     if sample_ids is not None:
         wanted = set(sample_ids)
         ds = ds.filter(lambda row: row["sample_id"] in wanted)

@@ -58,6 +58,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     from raymem.models.detector import build_detector, cosine_lr, detector_checkpoint, train_step
 
     cfg = DetectorTrainConfig(**loop_config["cfg"])
+    # Float sums split over threads: a thread count from the config, not the machine, keeps the weights the same.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
@@ -120,7 +122,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raymem.data.stream import open_split
+    from raymem.data.stream import open_split, ordered_ingest
 
     manifest = shards.read_manifest(cfg.dataset)
     train_data = open_split(cfg.dataset, "train", columns=("image", "patient_id"))
@@ -139,7 +141,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
                 name=cfg.run_name, storage_path=run_root(cfg),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
-            datasets={"train": train_data},
+            datasets={"train": train_data}, dataset_config=ordered_ingest(),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:

@@ -4,6 +4,8 @@ The science (networks, losses, latent scale, DDIM sampling) is in raymem.models.
 schedules epochs, checkpoints, retries and logs. Epochs are numbered across both stages (0 .. autoencoder_epochs-1
 train the autoencoder, the rest the UNet) and every checkpoint is kept as <out>/ldm/<run_name>/epoch-<E>/ with
 ``state.pt`` (resume) and ``ldm.pt`` (what ``raymem sample`` loads), so any saved epoch can be sampled.
+The images trained on are ``cfg.split`` ("train"; "test" for the generator-null), or its nested ``train_size`` subset;
+their sample ids are written to <run>/training_ids.json, the generator's exact training set for an audit.
 
 Augmentation (a study factor) is drawn in the loop from a (seed, rank, epoch) seed, so every epoch sees new draws.
 Resume: rerun with the same ``out`` and ``run_name``; Ray Train restores the latest checkpoint, the same MLflow run
@@ -42,7 +44,7 @@ def run_uri(cfg: LDMTrainConfig) -> str:
 def nested_subset(sample_ids: Sequence[str], size: int, seed: int) -> list[str]:
     """``size`` ids: the first of a seeded permutation of the sorted ids, so for one seed smaller subsets nest."""
     if size > len(sample_ids):
-        raise ValueError(f"train_size={size} is larger than the training split ({len(sample_ids)} images); "
+        raise ValueError(f"train_size={size} is larger than the split it is drawn from ({len(sample_ids)} images); "
                          "lower train_size or leave it unset for all")
     ordered = sorted(sample_ids)
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:size]]
@@ -120,7 +122,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                                   loop_config["tracking_uri"]) if rank == 0 else None
     if rank == 0:
         val_images = _images(cfg.dataset, "val", None, cfg.eval_max_images).to(device)
-        fixed_train_images = _images(cfg.dataset, "train", loop_config["training_ids"], cfg.eval_max_images).to(device)
+        fixed_train_images = _images(cfg.dataset, cfg.split, loop_config["training_ids"],
+                                     cfg.eval_max_images).to(device)
     shard = ray.train.get_dataset_shard("train")
     total_epochs = cfg.autoencoder_epochs + cfg.diffusion_epochs
 
@@ -219,12 +222,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def _dataset_meta(dataset: str) -> dict[str, Any]:
+def _dataset_meta(dataset: str, split: str) -> dict[str, Any]:
     """What sampling needs to write synthetic rows like the dataset's: shape, range, dtype, modality, spacing, config."""
     manifest = shards.read_manifest(dataset)
-    first = shards.load_split(dataset, "train", ["spacing", "modality"]).slice(0, 1).to_pylist()
+    first = shards.load_split(dataset, split, ["spacing", "modality"]).slice(0, 1).to_pylist()
     if not first:
-        raise shards.DatasetError(f"{dataset} has no training images to train an LDM on")
+        hint = " (the generator-null's held-out patients): ingest with ingest.test_fraction > 0" if split == "test" \
+            else ""
+        raise shards.DatasetError(f"{dataset} has no {split} images to train an LDM on{hint}")
     return {"dataset": dataset, "spatial_dims": manifest["spatial_dims"], "image_shape": manifest["image_shape"],
             "intensity_range": manifest["intensity_range"], "dtype": manifest["dtype"],
             "modality": first[0]["modality"], "spacing_mm": first[0]["spacing"], "dataset_config": manifest["config"]}
@@ -250,14 +255,18 @@ def train_ldm(cfg: LDMTrainConfig, *, tracked: tracking.TrackedRun | None = None
     """
     from raymem.data.stream import open_split
 
-    meta = _dataset_meta(cfg.dataset)
+    meta = _dataset_meta(cfg.dataset, cfg.split)
     _check_shape(cfg.preset, meta["image_shape"])
-    training_ids = None
-    if cfg.train_size is not None:
-        all_ids = shards.load_split(cfg.dataset, "train", ["sample_id"])["sample_id"].to_pylist()
-        training_ids = nested_subset(all_ids, cfg.train_size, cfg.subset_seed)
-        storage.write_bytes(storage.join(run_uri(cfg), TRAINING_IDS_FILE), json.dumps(training_ids).encode())
-    train_data = open_split(cfg.dataset, "train", sample_ids=training_ids)
+    split_ids = shards.load_split(cfg.dataset, cfg.split, ["sample_id"])["sample_id"].to_pylist()
+    training_ids = nested_subset(split_ids, cfg.train_size, cfg.subset_seed) if cfg.train_size is not None else None
+    n_images = len(training_ids if training_ids is not None else split_ids)
+    if n_images < cfg.batch_size * cfg.num_workers:  # incomplete batches are dropped: nothing would be trained on
+        raise ValueError(f"{n_images} {cfg.split} images to train on, fewer than batch_size x num_workers = "
+                         f"{cfg.batch_size} x {cfg.num_workers}; lower batch_size or num_workers")
+    # Written for every run, so an audit knows exactly which images the generator saw.
+    storage.write_bytes(storage.join(run_uri(cfg), TRAINING_IDS_FILE),
+                        json.dumps(training_ids if training_ids is not None else sorted(split_ids)).encode())
+    train_data = open_split(cfg.dataset, cfg.split, sample_ids=training_ids)
     if tracked is not None:
         return _fit(cfg, meta, training_ids, train_data, tracked, callbacks)
     uri = tracking.tracking_uri(cfg.out) if not storage.is_s3(cfg.out) else tracking.tracking_uri()
@@ -274,6 +283,8 @@ def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raymem.data.stream import ordered_ingest
+
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "dataset_meta": meta, "training_ids": training_ids,
@@ -285,7 +296,7 @@ def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | No
             name=cfg.run_name, storage_path=storage.join(cfg.out, "ldm"), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
-        datasets={"train": train_data},
+        datasets={"train": train_data}, dataset_config=ordered_ingest(),
     )
     result = trainer.fit()
     tracking.log_metrics(tracked, {"epochs_completed": result.metrics["epoch"] + 1})
