@@ -279,11 +279,16 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
             return {"audit": paths["audit"]}
         from raymem.audit.images import audit_images
 
+        null_synthetic = paths["null_synthetic"] if job.null is not None else None
+        if null_synthetic and not storage.exists(storage.join(null_synthetic, shards.MANIFEST)):
+            raise ConfigError(f"null: the job has a null section but {null_synthetic} holds no generator-null "
+                              "samples; run the train-null-ldm and sample-null stages first (jobs/pipeline.py runs "
+                              "them), or remove the null section")
         audit_cfg = config.AuditConfig(**job.audit.model_dump(exclude={"distributed"}))
         metrics = audit_images(paths["dataset"], paths["synthetic"], paths["detector"], paths["audit"], audit_cfg,
                                distributed=job.audit.distributed, experiment=job.experiment,
                                run_name=f"audit/{job.run_name}", embed_settings=job.embed,
-                               null_synthetic_uri=paths["null_synthetic"] if job.null is not None else None)
+                               null_synthetic_uri=null_synthetic)
         return {"audit": paths["audit"], **{k: metrics[k] for k in ("threshold", "pct_memorized_train", "pct_copies")}}
     raise AssertionError(f"unknown stage {stage!r}")
 

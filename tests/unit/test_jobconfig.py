@@ -88,3 +88,10 @@ def test_the_null_ldm_refuses_a_test_split_smaller_than_one_batch_naming_batch_s
 
     with pytest.raises(ValueError, match=r"2 test images to train on, fewer than batch_size"):
         run_stage(job, "train-null-ldm")
+
+
+def test_the_audit_of_a_job_with_a_null_section_refuses_missing_null_samples_naming_the_stages(tmp_path):
+    job = _job(tmp_path, "null: {}\n")
+
+    with pytest.raises(ConfigError, match="null: the job has a null section .* run the train-null-ldm and sample-null"):
+        run_stage(job, "audit")
