@@ -39,9 +39,9 @@ def _ingest(args: argparse.Namespace) -> int:
     cfg = config.load(config.IngestConfig, args.config, {
         "format": args.format, "spatial_dims": args.spatial_dims,
         "size": tuple(args.size) if args.size else None, "modality": args.modality, "fit": args.fit,
-        "seed": args.seed, "strict": True if args.strict else None})
+        "seed": args.seed, "strict": True if args.strict else None, "patient_pattern": args.patient_pattern})
     runtime.init_ray()
-    summary = ingest(args.src, args.dst, cfg)
+    summary = ingest(args.src, args.dst, cfg, owner_report=args.owner_report)
     print("\n".join(summary.lines()))
     return 0
 
@@ -227,10 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_phantoms)
 
     p = sub.add_parser("ingest", help="raw images -> sharded, de-identified dataset",
-                       description="Read NIfTI, DICOM (series grouped by SeriesInstanceUID), PNG/JPEG and MedMNIST "
-                                   ".npz files under SRC; validate, de-identify, fit to shape, normalise and split by "
-                                   "patient into Parquet shards under DST. Bad files are set aside in "
-                                   "DST/quarantine.parquet with the reason; manifest.json is written last.")
+                       description="Read NIfTI, DICOM (series grouped by patient, study and series UID; JPEG, "
+                                   "JPEG-LS, JPEG 2000 and RLE decoded), PNG/JPEG and MedMNIST .npz files under SRC; "
+                                   "validate, de-identify (no original path component is kept), fit to shape, "
+                                   "normalise and split by patient into Parquet shards under DST. Every file is "
+                                   "counted once; a bad file is set aside in DST/quarantine.parquet with its reason; "
+                                   "manifest.json is written last. A rerun after a kill clears what it left.")
     p.add_argument("src", help="input folder or file URI")
     p.add_argument("dst", help="output dataset URI (must not hold a dataset yet)")
     p.add_argument("--format", choices=["auto", "nifti", "dicom", "png", "medmnist"])
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", choices=["resize", "crop_or_pad"])
     p.add_argument("--seed", type=int, help="split seed")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file with a non-zero exit")
+    p.add_argument("--patient-pattern", help="'auto' (default) or a regex with (?P<patient>...) over the path")
+    p.add_argument("--owner-report", metavar="PATH",
+                   help="CSV of every input file's raw path, outcome and reason, written outside the dataset for "
+                        "the data owner (it holds raw paths: never share it)")
     p.add_argument("--config", help="IngestConfig YAML; flags override it")
     p.set_defaults(func=_ingest)
 
@@ -316,12 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "detector (Ray Data actors), runs the exact audit, and writes metrics.json, "
                                    "matches.parquet and a self-contained report.html to OUT; one MLflow run. "
                                    "--synthetic may be a raymem dataset or a folder of images from any generator "
-                                   "(ingested with the dataset's own shape and normalisation).")
+                                   "(ingested with the dataset's own shape and normalisation). Rerun the command "
+                                   "with the same OUT after a failure, a kill or a success: the audit is recomputed "
+                                   "and replaces what OUT held of the earlier one (MLflow run RUN_NAME is reopened; "
+                                   "give other settings another RUN_NAME).")
     p.add_argument("--dataset", required=True, help="the training dataset URI (train and val splits are used)")
     p.add_argument("--synthetic", required=True, help="synthetic images: a dataset URI or a folder of image files")
     p.add_argument("--detector", required=True, help="detector checkpoint URI (detector.pt)")
     p.add_argument("--out", required=True, help="output folder URI")
-    p.add_argument("--run-name", default="audit", help="MLflow run name (a rerun reopens it)")
+    p.add_argument("--run-name", default="audit",
+                   help="MLflow run name; a rerun into the same OUT recomputes the audit and reopens this run")
     _audit_options(p)
     p.set_defaults(func=_audit)
 
@@ -369,11 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options that take a URI, in every subcommand.
+PATH_OPTIONS = ("src", "dst", "config", "dataset", "out", "data", "detector", "run", "synthetic", "null_synthetic",
+                "audit", "train", "val", "test", "reference_ids", "labels")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Make relative local paths absolute, once, before any stage runs: Ray workers do not share this process's
+    working directory, and Ray Train takes a path without a scheme for a malformed URI."""
+    from raymem import storage
+
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, storage.absolute(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("raymem").setLevel(logging.DEBUG)
+    _absolute_paths(args)
     try:
         return args.func(args)
     except config.ConfigError as err:
@@ -382,12 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         from raymem.data.ingest import IngestError
         from raymem.data.shards import DatasetError
-        from raymem.storage import StorageError
+        from raymem.storage import StorageError, access_error
 
-        # Errors a user can cause (bad input, missing files, values the stages refuse) say what to do in one line;
-        # -v shows the traceback.
-        if isinstance(err, (IngestError, DatasetError, StorageError, ValueError, FileNotFoundError)) \
-                and not args.verbose:
+        # Errors a user can cause (bad input, missing files, unreachable storage, values the stages refuse) say what
+        # to do in one line; -v shows the traceback.
+        if args.verbose:
+            raise
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            err = access_error(err)  # a filesystem call outside raymem.storage's own wrapping (pyarrow, Ray Data)
+        if isinstance(err, (IngestError, DatasetError, StorageError, ValueError, FileNotFoundError)):
             print(f"raymem {args.command}: {err}", file=sys.stderr)
             return 1
         raise

@@ -44,8 +44,10 @@ class IngestConfig(_Strict):
     percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="MR/X-ray intensity scaling percentiles")
     dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the images in the shards")
     patient_pattern: str = Field(
-        default=r"(?P<patient>[^/]+)/[^/]+$",
-        description="regex over the path relative to SRC; its 'patient' group names the patient (NIfTI, PNG)")
+        default="auto",
+        description="how a file's path names its patient (NIfTI, PNG; DICOM without PatientID): 'auto' = the first "
+                    "folder below the folders all files share (patient/image, patient/study/series/image); or a "
+                    "regex over the path relative to SRC whose group (?P<patient>...) names the patient")
     val_fraction: float = Field(
         default=0.1, ge=0.0, le=0.5,
         description="share of patients in the validation split (the audit's null); MedMNIST keeps its own splits")
@@ -68,6 +70,8 @@ class IngestConfig(_Strict):
     @field_validator("patient_pattern")
     @classmethod
     def _pattern_has_group(cls, pattern: str) -> str:
+        if pattern == "auto":
+            return pattern
         try:
             compiled = re.compile(pattern)
         except re.error as err:

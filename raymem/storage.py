@@ -7,11 +7,17 @@ command runs against AWS, MinIO or a moto server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -32,6 +38,28 @@ def join(uri: str, *parts: str) -> str:
 def absolute(uri: str) -> str:
     """``uri`` with a relative local path made absolute (processes that change directory, like Tune trials, agree)."""
     return uri if "://" in uri else str(Path(uri).absolute())
+
+
+def access_error(err: OSError, uri: str | None = None, action: str = "access") -> StorageError:
+    """One line for a failed filesystem call: what was tried on which URI, why, and for S3 what to check."""
+    reason = " ".join(str(err).split())
+    message = f"cannot {action} {uri}: {reason}" if uri else f"cannot {action} storage: {reason}"
+    if (uri is not None and is_s3(uri)) or "AWS Error" in reason:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS (AWS_ENDPOINT_URL is unset)"
+        message += f"; check that {where} is reachable and that the credentials (AWS_ACCESS_KEY_ID, " \
+                   "AWS_SECRET_ACCESS_KEY) are valid"
+    return StorageError(message)
+
+
+@contextlib.contextmanager
+def _accessing(uri: str, action: str) -> Iterator[None]:
+    """Turn the OSError of a filesystem call on ``uri`` (an unreachable endpoint, a refused permission) into
+    :func:`access_error`'s StorageError."""
+    try:
+        yield
+    except OSError as err:
+        raise access_error(err, uri, action) from err
 
 
 def _s3_filesystem() -> pafs.S3FileSystem:
@@ -59,12 +87,14 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _accessing(uri, "look up"):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    with _accessing(uri, "look up"):
+        return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def read_bytes(uri: str) -> bytes:
@@ -76,66 +106,163 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError as err:
         raise StorageError(f"{uri} does not exist") from err
     except OSError as err:
-        raise StorageError(f"cannot read {uri}: {err}") from err
+        raise access_error(err, uri, "read") from err
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object; parent folders are created for local paths."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
-    if parent and not is_s3(uri):
-        fs.create_dir(parent, recursive=True)
-    try:
+    with _accessing(uri, "write"):
+        if parent and not is_s3(uri):
+            fs.create_dir(parent, recursive=True)
         with fs.open_output_stream(path, compression=None) as stream:
             stream.write(data)
-    except OSError as err:
-        raise StorageError(f"cannot write {uri}: {err}") from err
 
 
 def make_dirs(uri: str) -> None:
     """Create a local folder (S3 has no folders: a no-op there)."""
     if not is_s3(uri):
         fs, path = filesystem(uri)
-        fs.create_dir(path, recursive=True)
+        with _accessing(uri, "create"):
+            fs.create_dir(path, recursive=True)
 
 
 def delete(uri: str) -> None:
     """Remove a file or a folder tree if it exists."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    with _accessing(uri, "delete"):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Files under a folder URI, recursively, as sorted paths relative to it ('/'-separated).
 
-    A URI naming a single file lists as that file's name. Hidden files and folders (leading '.') are skipped.
+    A URI naming a single file lists as that file's name. Hidden files and folders (leading '.') are skipped, and
+    only regular files are listed: a FIFO, socket or device is never opened.
+
+    A local folder is walked here rather than by pyarrow, so that symlinks cannot multiply the input:
+
+    - symlinks are followed, also out of the root (an export often links its data in); a path is listed as seen
+      under the root, through the link, so :func:`file_uri` reads it;
+    - each real folder is walked once and each real file listed once (same ``(st_dev, st_ino)``, hard links
+      included), under the first of its paths in sorted order; so a symlink cycle stops where it closes;
+    - broken symlinks and unreadable subfolders are skipped with a logged warning (naming the root only:
+      folder names may be patient names).
+
+    S3 has no symlinks: it is listed with pyarrow's recursive selector.
     """
     fs, root = filesystem(uri)
-    info = fs.get_file_info(root)
+    if not is_s3(uri):
+        return _list_local_files(uri, root, suffixes)
+    try:
+        info = fs.get_file_info(root)
+        items = fs.get_file_info(pafs.FileSelector(root, recursive=True)) \
+            if info.type == pafs.FileType.Directory else []
+    except OSError as err:
+        raise access_error(err, uri, "list") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri} does not exist")
     if info.type == pafs.FileType.File:
         return [posixpath.basename(root)]
-    selector = pafs.FileSelector(root, recursive=True)
     relative = []
-    for item in fs.get_file_info(selector):
+    for item in items:
         if item.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(item.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        if suffixes is None or rel.lower().endswith(tuple(s.lower() for s in suffixes)):
+        if _has_suffix(rel, suffixes):
             relative.append(rel)
     return sorted(relative)
+
+
+def _has_suffix(rel: str, suffixes: tuple[str, ...] | None) -> bool:
+    return suffixes is None or rel.lower().endswith(tuple(s.lower() for s in suffixes))
+
+
+def _list_local_files(uri: str, root: str, suffixes: tuple[str, ...] | None) -> list[str]:
+    """:func:`list_files` for ``root``, the absolute local path of ``uri``: depth first, in sorted order."""
+    try:
+        root_info = os.stat(root)
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri} does not exist") from err
+    except OSError as err:
+        raise access_error(err, uri, "read") from err
+    if stat.S_ISREG(root_info.st_mode):
+        return [os.path.basename(root)]
+    files: list[str] = []
+    walked_folders: set[tuple[int, int]] = set()
+    listed_files: set[tuple[int, int]] = set()
+    # (path relative to the root, local path, stat through symlinks); the walk pops paths in sorted order, so the
+    # first path to a folder or file is the one kept.
+    pending = [("", root, root_info)]
+    while pending:
+        rel, path, info = pending.pop()
+        identity = (info.st_dev, info.st_ino)
+        if stat.S_ISDIR(info.st_mode):
+            if identity not in walked_folders:
+                walked_folders.add(identity)
+                pending.extend(reversed(_local_folder_entries(uri, rel, path)))
+        elif stat.S_ISREG(info.st_mode) and _has_suffix(rel, suffixes) and identity not in listed_files:
+            listed_files.add(identity)
+            files.append(rel)
+    return files
+
+
+def _local_folder_entries(uri: str, rel: str, path: str) -> list[tuple[str, str, os.stat_result]]:
+    """The visible folders and regular files in folder ``path`` (``rel`` under ``uri``; '' for the root itself).
+
+    Returns (path relative to the root, local path, stat through symlinks), sorted so that a depth-first walk lists
+    files in ``sorted()`` order. Broken symlinks, links to special files, and FIFOs, sockets and devices are left out.
+    """
+    try:
+        with os.scandir(path) as entries:
+            names = sorted(entry.name for entry in entries if not entry.name.startswith("."))
+    except OSError as err:
+        if not rel:
+            raise StorageError(f"cannot list {uri}: {err}; check that the folder is readable") from err
+        # Folder and file names may be patient names: the log names the root and the error kind only.
+        log.warning("skipping a folder under %s: cannot list it (%s)", uri, err.strerror)
+        return []
+    children = []
+    for name in names:
+        child_path = os.path.join(path, name)
+        try:
+            info = os.stat(child_path)
+        except OSError as err:
+            log.warning("skipping an entry under %s: a broken symlink or unreadable entry (%s)", uri, err.strerror)
+            continue
+        if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+            children.append((posixpath.join(rel, name), child_path, info))
+    # A folder sorts by its name plus '/', as its files' paths do: 'a-b/x' < 'a/x' since '-' < '/'.
+    return sorted(children, key=lambda child: child[0] + "/" if stat.S_ISDIR(child[2].st_mode) else child[0])
 
 
 def file_uri(root_uri: str, relative: str) -> str:
     """The URI of a file listed by :func:`list_files` under ``root_uri`` (which may itself be that file)."""
     fs, path = filesystem(root_uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return root_uri
+    with _accessing(root_uri, "look up"):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return root_uri
     return join(root_uri, *relative.split("/"))
+
+
+def move(src_uri: str, dst_uri: str) -> None:
+    """Move one file (a rename for local paths; copy then delete on S3, which has no rename)."""
+    fs, src = filesystem(src_uri)
+    _, dst = filesystem(dst_uri)
+    if not is_s3(dst_uri):
+        fs.create_dir(posixpath.dirname(dst), recursive=True)
+    try:
+        if is_s3(src_uri):
+            fs.copy_file(src, dst)
+            fs.delete_file(src)
+        else:
+            fs.move(src, dst)
+    except OSError as err:
+        raise StorageError(f"cannot move {src_uri} to {dst_uri}: {err}") from err

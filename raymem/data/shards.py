@@ -3,7 +3,7 @@
 Layout of a dataset URI (local path or s3://)::
 
     <dataset>/train/part-*.parquet  val/part-*.parquet  test/part-*.parquet
-    <dataset>/quarantine.parquet    (source, reason)   files set aside, with why
+    <dataset>/quarantine.parquet    (source, reason, level)   files set aside, one row each, with why
     <dataset>/duplicates.parquet    (sample_id, content_hash)   exact duplicate images, kept but listed
     <dataset>/manifest.json         written last: a dataset without it is incomplete and is refused
 
@@ -34,7 +34,8 @@ DUPLICATES = "duplicates.parquet"
 # Ray Data's target block size; row groups near it keep one block per row group when streaming.
 TARGET_ROW_GROUP_BYTES = 128 * 1024**2
 
-QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+# level: "file" (a whole input file set aside) or "image" (one image inside a MedMNIST archive).
+QUARANTINE_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("level", pa.string())])
 
 
 class DatasetError(RuntimeError):
@@ -126,6 +127,18 @@ def read_manifest(dataset_uri: str) -> dict:
         raise DatasetError(f"{dataset_uri} has no {MANIFEST}: the dataset is missing or its ingest did not finish; "
                            "rerun the ingest into a fresh destination")
     return json.loads(storage.read_bytes(uri))
+
+
+def require_images(dataset_uri: str, split: str, needed: int, purpose: str) -> None:
+    """DatasetError unless the committed split holds at least ``needed`` images; the message says what ``purpose``
+    needs them and, when files were set aside at ingest, where they are listed."""
+    manifest = read_manifest(dataset_uri)
+    held = manifest["splits"].get(split, {}).get("images", 0)
+    if held >= needed:
+        return
+    set_aside = f"; {manifest['quarantined']} files were set aside at ingest, see " \
+                f"{storage.join(dataset_uri, QUARANTINE)}" if manifest.get("quarantined") else ""
+    raise DatasetError(f"{dataset_uri} has {held} {split} images; {purpose} needs at least {needed}{set_aside}")
 
 
 def split_files(dataset_uri: str, split: str) -> list[str]:

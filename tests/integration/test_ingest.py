@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -99,28 +101,33 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_conserved(ray_cluste
     expected_bad = _bad_corpus(src)
     cfg = config.validate(config.IngestConfig, {"spatial_dims": 2, "size": (32, 32), "max_voxels": 200 * 200})
 
-    summary = ingest(str(src), str(tmp_path / "ds"), cfg)
+    summary = ingest(str(src), str(tmp_path / "ds"), cfg, owner_report=str(tmp_path / "owner.csv"))
 
     quarantine = pq.read_table(tmp_path / "ds" / shards.QUARANTINE).to_pylist()
-    reasons = {row["source"]: row["reason"] for row in quarantine}
+    owner = list(csv.DictReader((tmp_path / "owner.csv").open()))
+    reasons = {row["path"]: row["reason"] for row in owner if row["outcome"] == "set aside"}
     manifest = shards.read_manifest(str(tmp_path / "ds"))
     duplicates = pq.read_table(tmp_path / "ds" / shards.DUPLICATES)
     assert set(reasons) == set(expected_bad)
     assert all(fragment.lower() in reasons[src_].lower() for src_, fragment in expected_bad.items())
-    assert all(reason for reason in reasons.values())
+    assert sorted(row["reason"] for row in quarantine) == sorted(reasons.values())
     assert (summary.ingested, summary.quarantined) == (n_good + 1, len(expected_bad))
-    assert manifest["found"] == manifest["ingested"] + manifest["quarantined"]
+    assert manifest["files"] == {"found": n_good + 1 + len(expected_bad), "ingested": n_good + 1,
+                                 "set_aside": len(expected_bad)}
     assert duplicates.num_rows == 2 and manifest["duplicates"] == 2
 
 
-def test_strict_stops_at_the_first_bad_file_naming_it(ray_cluster, tmp_path):
-    src = tmp_path / "src"
+def test_strict_stops_at_the_first_bad_file_naming_it_without_its_path(ray_cluster, tmp_path):
+    src, report = tmp_path / "src", tmp_path / "owner.csv"
     _good_images(src, patients=2, per_patient=1)
-    (src / "broken.png").write_text("not a png")
+    (src / "Doe-John-broken.png").write_text("not a png")
     cfg = config.validate(config.IngestConfig, {"size": (32, 32), "strict": True})
 
-    with pytest.raises(IngestError, match="broken.png"):
-        ingest(str(src), str(tmp_path / "ds"), cfg)
+    with pytest.raises(IngestError, match=r"f-[0-9a-f]{16}\.png: not an image") as stopped:
+        ingest(str(src), str(tmp_path / "ds"), cfg, owner_report=str(report))
+    named = re.search(r"f-[0-9a-f]{16}", str(stopped.value)).group()
+    paths = [row["path"] for row in csv.DictReader(report.open()) if named in row["source"]]
+    assert "Doe" not in str(stopped.value) and paths == ["Doe-John-broken.png"]
     assert not (tmp_path / "ds" / shards.MANIFEST).exists()
 
 
