@@ -117,7 +117,8 @@ def safe_source(raw: str, key: bytes, patient_id: str | None) -> str:
     two files apart and matches the owner report. A MedMNIST image keeps its '#split/index' suffix.
     """
     path, _, inner = raw.partition("#")
-    name = f"f-{_keyed_digest(key, 'file:' + path, 16)}{_extension(path)}"  # apart from patient pseudonyms + (f"#{inner}" if inner else "")
+    # 'file:' keeps these hashes apart from patient pseudonyms of the same text.
+    name = f"f-{_keyed_digest(key, 'file:' + path, 16)}{_extension(path)}" + (f"#{inner}" if inner else "")
     return f"{patient_id}/{name}" if patient_id else name
 
 

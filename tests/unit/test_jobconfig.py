@@ -7,22 +7,23 @@ import pytest
 
 from raymem import storage
 from raymem.config import ConfigError
-from raymem.data.shards import DatasetError
+from raymem.data.ingest import IngestError
 from raymem.jobconfig import load_job, run_stage
 from raymem.train.ldm import run_uri
 
 JOB = """
 run_name: demo
 data: {phantoms: {kind: xray2d, patients: PATIENTS, images_per_patient: 1, size: 32}}
-ingest: {val_fraction: 0.2, test_fraction: 0.2}
+ingest: INGEST
 ldm: {preset: tiny, train_size: 16, diffusion_epochs: 5, batch_size: 8}
 sample: {n: 48, ddim_steps: 20}
 """
 
 
-def _job(tmp_path, extra: str = "", patients: int = 2):
+def _job(tmp_path, extra: str = "", patients: int = 2, ingest: str = "{val_fraction: 0.2, test_fraction: 0.2}"):
     path = tmp_path / "job.yaml"
-    path.write_text(f"storage_root: {tmp_path / 'root'}\n{JOB.replace('PATIENTS', str(patients))}{extra}")
+    job = JOB.replace("PATIENTS", str(patients)).replace("INGEST", ingest)
+    path.write_text(f"storage_root: {tmp_path / 'root'}\n{job}{extra}")
     return load_job(str(path))
 
 
@@ -59,11 +60,8 @@ def test_the_null_section_cannot_choose_another_split(tmp_path):
 
 
 def test_a_null_section_without_a_test_split_is_refused_naming_ingest_test_fraction(tmp_path):
-    path = tmp_path / "job.yaml"
-    path.write_text(JOB.replace("PATIENTS", "10").replace("test_fraction: 0.2", "test_fraction: 0.0") + "null: {}\n")
-
     with pytest.raises(ConfigError, match=r"ingest\.test_fraction"):
-        load_job(str(path))
+        _job(tmp_path, "null: {}\n", patients=10, ingest="{val_fraction: 0.2, test_fraction: 0.0}")
 
 
 def test_the_null_stages_are_skipped_without_a_null_section(tmp_path):
@@ -74,12 +72,11 @@ def test_the_null_stages_are_skipped_without_a_null_section(tmp_path):
     assert (summaries, storage.exists(str(tmp_path / "root"))) == ([{"skipped": "no null section"}] * 2, False)
 
 
-def test_the_null_ldm_names_ingest_test_fraction_when_too_few_patients_left_a_test_split(tmp_path):
-    job = _job(tmp_path, "null: {}\n")  # 2 patients: 20 % of them rounds to no test patient
-    run_stage(job, "data")
+def test_too_few_patients_for_the_splits_asked_for_are_refused_at_the_data_stage(tmp_path):
+    job = _job(tmp_path, "null: {}\n")  # 2 patients cannot fill train, val and test
 
-    with pytest.raises(DatasetError, match=r"no test images .*ingest\.test_fraction"):
-        run_stage(job, "train-null-ldm")
+    with pytest.raises(IngestError, match=r"2 patient\(s\) cannot fill train, val, test.*test_fraction"):
+        run_stage(job, "data")
 
 
 def test_the_null_ldm_refuses_a_test_split_smaller_than_one_batch_naming_batch_size(tmp_path):
