@@ -72,8 +72,10 @@ def embed_dataset(cfg: EmbedConfig) -> dict[str, int]:
     import ray
 
     from raymem.data.stream import open_split
+    from raymem.models.detector import load_detector
 
     detector_bytes = storage.read_bytes(cfg.detector)
+    load_detector(detector_bytes, source=cfg.detector)  # a file that is no detector fails here, not in every actor
     manifest = shards.read_manifest(cfg.data)
     splits = [split for split in cfg.splits if manifest["splits"].get(split, {}).get("images", 0)]
     if not splits:

@@ -80,7 +80,7 @@ def sample_run(cfg: SampleConfig) -> dict[str, Any]:
 
     uri, epoch = checkpoint_uri(cfg.run, cfg.epoch)
     checkpoint = storage.read_bytes(uri)
-    _, state = load_ldm(checkpoint)
+    _, state = load_ldm(checkpoint, source=uri)
     meta = state["metadata"]
     if meta["diffusion_epochs_trained"] == 0:
         raise ValueError(f"epoch {epoch} of {cfg.run} is an autoencoder-stage checkpoint (no diffusion training yet); "

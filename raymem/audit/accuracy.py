@@ -135,14 +135,15 @@ def score_embedding(
     """Accuracy of one embedding function: {f"{level}_top1", f"{level}_auc"} per copy level, and "reid_auc".
 
     images: (N, C, *spatial) originals; copies: level -> (N, C, *spatial) copies from ``make_copies``;
-    embed_fn: (n, C, *spatial) -> (n, d). "reid_auc" is left out when no patient has two images.
+    embed_fn: (n, C, *spatial) -> (n, d). "reid_auc" is left out when no patient has two images or
+    all are one patient's.
     """
     originals = embed_fn(torch.as_tensor(images, dtype=torch.float32))
     scores = {}
     for level, level_copies in copies.items():
         for name, value in copy_retrieval_metrics(originals, embed_fn(level_copies)).items():
             scores[f"{level}_{name}"] = value
-    if len(set(patient_ids)) < len(patient_ids):
+    if 1 < len(set(patient_ids)) < len(patient_ids):
         scores["reid_auc"] = reidentification_auc(originals, patient_ids)
     return scores
 

@@ -10,7 +10,8 @@
 The generated samples are compared with the generator's own training set (its LDM run's training_ids.json) and
 the headline figures describe them only; planted samples are scored apart. Outputs under ``out``: metrics.json,
 matches.parquet, report.html, planted.parquet (when planting), embeddings/, synthetic-dataset/ (when the synthetic
-input was a folder of images). One MLflow run per audit.
+input was a folder of images). One MLflow run per audit. A rerun into the same ``out`` (after a kill or a success)
+recomputes the audit, replacing those outputs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 PLANTED = "planted"
 MIN_HELDOUT_NEGATIVES = 20  # images of held-out patients the held-out copy families need as negatives
 PLANT_LEVEL = "copy"  # raymem.models.copy_transforms.TRANSFORM_PRESETS key used for planted copies
+# What an audit writes under its output folder, the files a finished audit is read from first: a rerun removes them in
+# this order before recomputing, so that a killed run's leftovers (part files named by how Ray Data batched the rows,
+# committed datasets an ingest will not overwrite) never mix with the new run's. mlflow.db is kept (the run reopens).
+OUTPUTS = ("metrics.json", "matches.parquet", "report.html", "planted.parquet", "embeddings", "planted-dataset",
+           "synthetic-dataset", "generator-null")
 
 
 def _is_dataset(uri: str) -> bool:
@@ -54,12 +60,15 @@ def synthetic_as_dataset(synthetic_uri: str, real_manifest: dict, work_uri: str)
             raise ValueError(f"synthetic images have shape {synthetic['image_shape']} but the dataset's are "
                              f"{real_manifest['image_shape']}: ingest them with the same --size")
         return synthetic_uri
-    from raymem.data.ingest import ingest
+    from raymem.data.ingest import IngestError, ingest
 
     settings = {**real_manifest["config"], "val_fraction": 0.0, "test_fraction": 0.0, "strict": False,
                 "synthetic": True}
     target = storage.join(work_uri, "synthetic-dataset")
-    summary = ingest(synthetic_uri, target, IngestConfig(**settings))
+    try:
+        summary = ingest(synthetic_uri, target, IngestConfig(**settings))
+    except IngestError as err:  # e.g. no usable image: say which input of the audit it was
+        raise IngestError(f"synthetic images {synthetic_uri}: {err}") from None
     log.info("synthetic images ingested: %d, set aside: %d", summary.ingested, summary.quarantined)
     return target
 
@@ -155,8 +164,9 @@ def detector_heldout_accuracy(dataset_uri: str, synthetic_dataset_uri: str, dete
     from raymem.models.ldm import load_ldm
 
     synthetic = shards.read_manifest(synthetic_dataset_uri)["synthetic"]
-    ldm, state = load_ldm(storage.read_bytes(checkpoint_uri(synthetic["run"], synthetic.get("epoch"))[0]))
-    detector = load_detector(storage.read_bytes(detector_uri))
+    ldm_uri = checkpoint_uri(synthetic["run"], synthetic.get("epoch"))[0]
+    ldm, state = load_ldm(storage.read_bytes(ldm_uri), source=ldm_uri)
+    detector = load_detector(storage.read_bytes(detector_uri), source=detector_uri)
     train = shards.load_split(dataset_uri, "train", ["sample_id", "patient_id", "image"])
     if training_ids is not None:
         train = train.filter(pc.is_in(train["sample_id"], value_set=pa.array(sorted(training_ids), pa.string())))
@@ -200,6 +210,10 @@ def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_ur
     detector/data/out/splits (batch_size, num_actors, use_gpu).
     """
     from raymem.embed import embed_dataset
+    from raymem.models.detector import load_detector
+
+    load_detector(storage.read_bytes(detector_uri), source=detector_uri)  # before any long step
+    clear_outputs(out_uri, inputs=[dataset_uri, synthetic_uri, detector_uri, null_synthetic_uri, labels_csv])
 
     def embed(data: str, out: str, splits: tuple[str, ...]) -> str:
         settings = {key: value for key, value in (embed_settings or {}).items() if key != "splits"}
@@ -247,6 +261,25 @@ def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_ur
            {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri,
             "null_synthetic": null_synthetic_uri, **cfg.model_dump()})
     return result.metrics
+
+
+def clear_outputs(out_uri: str, inputs: Iterable[str | None] = ()) -> None:
+    """Remove what an earlier audit (finished or killed) wrote under ``out_uri``; anything else there is kept.
+
+    inputs: the audit's input URIs; one inside an output to remove (the synthetic-dataset/ of an earlier audit given
+    as --synthetic) is an error rather than deleted.
+    """
+    for name in OUTPUTS:
+        output = storage.absolute(storage.join(out_uri, name))
+        for uri in filter(None, inputs):
+            if storage.absolute(uri) == output or storage.absolute(uri).startswith(output.rstrip("/") + "/"):
+                raise ValueError(f"{uri} lies inside {output}, which an audit into {out_uri} replaces: copy it "
+                                 "elsewhere or choose another output folder")
+    previous = [name for name in OUTPUTS if storage.exists(storage.join(out_uri, name))]
+    if previous:
+        log.info("replacing the earlier audit in %s (%s)", out_uri, ", ".join(previous))
+    for name in previous:
+        storage.delete(storage.join(out_uri, name))
 
 
 def audit_report(result: embedding_audit.AuditResult, dataset_uri: str, synthetic_dataset_uri: str,

@@ -14,7 +14,6 @@ Every encoder serves 2D and 3D inputs: ``spatial_dims`` switches the convolution
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +25,8 @@ from monai.networks.layers import Conv, Norm, Pool
 from monai.networks.nets import ResNet
 from monai.utils import ensure_tuple_rep
 from torch import nn
+
+from raymem.models.checkpoint import CheckpointError, load_state
 
 # Plain-value presets: keyword arguments of CopyDetector (all but spatial_dims). "resnet" backbones are
 # monai.networks.nets.ResNet with these arguments; "strided" backbones are StridedResidualEncoder.
@@ -230,13 +231,17 @@ def detector_checkpoint(model: CopyDetector, preset: str) -> dict[str, Any]:
     }
 
 
-def load_detector(checkpoint: dict[str, Any] | bytes) -> CopyDetector:
-    """Rebuild a detector (in eval mode, on CPU) from ``detector_checkpoint``'s dict or its ``torch.save`` bytes."""
+def load_detector(checkpoint: dict[str, Any] | bytes, source: str = "the detector checkpoint") -> CopyDetector:
+    """Rebuild a detector (in eval mode, on CPU) from ``detector_checkpoint``'s dict or its ``torch.save`` bytes.
+
+    source: the checkpoint's URI, named when it is not a detector checkpoint (:class:`CheckpointError`).
+    """
     if isinstance(checkpoint, bytes):
-        checkpoint = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+        checkpoint = load_state(checkpoint, source)
     missing = {"spatial_dims", "state_dict", "config"} - set(checkpoint)
     if missing:
-        raise ValueError(f"detector checkpoint lacks {sorted(missing)}: was it written by detector_checkpoint()?")
+        raise CheckpointError(f"{source} is not a detector checkpoint: it lacks {sorted(missing)} "
+                              "(`raymem train-detector` writes <out>/detector/<run_name>/detector.pt)")
     model = CopyDetector(spatial_dims=checkpoint["spatial_dims"], **checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

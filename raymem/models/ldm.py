@@ -28,6 +28,8 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from raymem.models.checkpoint import CheckpointError, load_state
+
 # Plain-value presets (the model-size factor of the study): keyword arguments of AutoencoderKL, DiffusionModelUNet
 # and PatchDiscriminator (all but spatial_dims and channel counts fixed by the data), and the input shape each is
 # designed for. paper2d / paper3d-* follow MONAI's generative LDM tutorials, the models the paper's code builds on.
@@ -319,9 +321,17 @@ def ldm_checkpoint(ldm: LatentDiffusion, *, preset: str, image_shape: Sequence[i
     return buffer.getvalue()
 
 
-def load_ldm(checkpoint: bytes, device: torch.device | str = "cpu") -> tuple[LatentDiffusion, dict[str, Any]]:
-    """(model in eval mode on ``device``, the checkpoint's other entries) from :func:`ldm_checkpoint` bytes."""
-    state = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+def load_ldm(checkpoint: bytes, device: torch.device | str = "cpu",
+             source: str = "the LDM checkpoint") -> tuple[LatentDiffusion, dict[str, Any]]:
+    """(model in eval mode on ``device``, the checkpoint's other entries) from :func:`ldm_checkpoint` bytes.
+
+    source: the checkpoint's URI, named when it is not an LDM checkpoint (:class:`CheckpointError`).
+    """
+    state = load_state(checkpoint, source)
+    missing = {"preset", "spatial_dims", "image_shape", "model", "metadata"} - set(state)
+    if missing:
+        raise CheckpointError(f"{source} is not an LDM checkpoint: it lacks {sorted(missing)} "
+                              "(`raymem train-ldm` writes <out>/ldm/<run_name>/epoch-<E>/ldm.pt)")
     ldm = build_ldm(state["preset"], state["spatial_dims"])
     ldm.load_state_dict(state.pop("model"))
     return ldm.to(device).eval(), state

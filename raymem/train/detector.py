@@ -125,6 +125,11 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     from raymem.data.stream import open_split, ordered_ingest
 
     manifest = shards.read_manifest(cfg.dataset)
+    # Incomplete batches are dropped and the accuracy compares images with each other: fail now, not after an epoch.
+    shards.require_images(cfg.dataset, "train", cfg.batch_size * cfg.num_workers,
+                          f"one training step (batch_size x num_workers = {cfg.batch_size} x {cfg.num_workers}: "
+                          "lower them for a small split)")
+    shards.require_images(cfg.dataset, "val", 2, "the detector's validation accuracy")
     train_data = open_split(cfg.dataset, "train", columns=("image", "patient_id"))
     uri = tracking.tracking_uri(cfg.out) if not storage.is_s3(cfg.out) else tracking.tracking_uri()
     with tracking.run(cfg.experiment, f"detector/{cfg.run_name}", uri=uri,
@@ -138,7 +143,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=cfg.run_name, storage_path=run_root(cfg),
+                name=cfg.run_name, storage_path=storage.absolute(run_root(cfg)),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
             datasets={"train": train_data}, dataset_config=ordered_ingest(),

@@ -293,7 +293,7 @@ def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | No
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=storage.join(cfg.out, "ldm"), callbacks=list(callbacks),
+            name=cfg.run_name, storage_path=storage.absolute(storage.join(cfg.out, "ldm")), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
         datasets={"train": train_data}, dataset_config=ordered_ingest(),
