@@ -149,12 +149,17 @@ def test_no_patient_is_in_two_splits_and_splits_repeat_for_a_seed(ray_cluster, t
     assert not (a["train"] & a["val"] or a["train"] & a["test"] or a["val"] & a["test"])
 
 
-def test_dicom_phi_never_reaches_outputs_or_logs(ray_cluster, tmp_path):
+def test_dicom_phi_and_phi_in_paths_never_reach_outputs_or_logs(ray_cluster, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "ds"
     phantoms.write_files(str(src), "ct3d", patients=3, images_per_patient=1, size=16, seed=7, file_format="dicom",
                          progress=False)
     phi = _phi_strings(src)
     assert phi, "the phantom DICOM files must carry PHI for this test to mean anything"
+    # Folder and file names as exports write them: names and dates.
+    for k, folder in enumerate(sorted(src.iterdir())):
+        folder.rename(src / f"Doe-John{k}_1970-01-0{k + 1}")
+    (src / "Doe-John0_1970-01-01" / "Roe-Jane_1980-02-02_letter.png").write_text("not an image")
+    phi |= {f"Doe-John{k}" for k in range(3)} | {"1970-01-01", "Roe-Jane", "1980-02-02"}
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rayphi"))  # short: Ray's socket paths must fit 107 bytes
     result = subprocess.run(
