@@ -328,9 +328,28 @@ def read_png(data: bytes, source: str, *, modality: str = "XR", max_voxels: int 
     return RawImage(array=pixels, spacing_mm=(1.0, 1.0), modality=modality, patient_key=None, source=source)
 
 
+# Little-endian or not, implicit VR or not -> the transfer syntax a file without one in its meta was written in.
+_ENCODING_SYNTAX = {(True, True): pydicom.uid.ImplicitVRLittleEndian, (False, True): pydicom.uid.ExplicitVRLittleEndian,
+                    (False, False): pydicom.uid.ExplicitVRBigEndian}
+
+
 def _read_dicom(stream: BytesIO, *, with_pixels: bool) -> pydicom.Dataset:
-    with _library_errors_as("not a DICOM file (no 'DICM' marker at byte 128, or a corrupt header)"):
-        return pydicom.dcmread(stream, stop_before_pixels=not with_pixels)
+    """A DICOM file, also one written without the 128-byte preamble and file meta (older systems and some export
+    tools write bare datasets): those are read when they carry an image's identity (SOPClassUID, or Rows and
+    Columns). A file whose meta names no transfer syntax is decoded in the encoding it was read with."""
+    reason = "not a DICOM file (no 'DICM' marker at byte 128, or a corrupt header)"
+    try:
+        with _library_errors_as(reason):
+            dataset = pydicom.dcmread(stream, stop_before_pixels=not with_pixels)
+    except BadInputError:
+        stream.seek(0)
+        with _library_errors_as(reason):
+            dataset = pydicom.dcmread(stream, stop_before_pixels=not with_pixels, force=True)
+        if "SOPClassUID" not in dataset and not ("Rows" in dataset and "Columns" in dataset):
+            raise BadInputError(reason) from None
+    if "TransferSyntaxUID" not in dataset.file_meta and dataset.original_encoding in _ENCODING_SYNTAX:
+        dataset.file_meta.TransferSyntaxUID = _ENCODING_SYNTAX[dataset.original_encoding]
+    return dataset
 
 
 def _dicom_attribute(dataset: pydicom.Dataset, keyword: str, default: object = None) -> object:

@@ -327,7 +327,9 @@ def _plan_units(src_uri: str, cfg: IngestConfig, key: bytes) -> _Plan:
     for rel in relative:
         uri = storage.file_uri(src_uri, rel)
         fmt = cfg.format if cfg.format != "auto" else formats.detect_format(rel, b"")
-        if fmt == "dicom" or (fmt is None and "." not in posixpath.basename(rel)):
+        # Any file without a known image extension may be DICOM: exports name files by UID (dots included),
+        # IM0001, or *.dicom; the header read tells, and hands the others to the generic reader.
+        if fmt == "dicom" or fmt is None:
             dicom_files.append({"source": rel, "uri": uri})
         else:
             patient_id = path_patient(rel)

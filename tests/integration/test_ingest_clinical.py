@@ -273,3 +273,16 @@ def test_series_are_grouped_by_patient_study_and_series_and_counted_per_file(ray
     assert summary.ingested == 2
     assert len(quarantine) == len(slices) and len({row["source"] for row in quarantine}) == len(slices)
     assert summary.files == {"found": n_files, "ingested": n_files - len(slices), "set_aside": len(slices)}
+
+
+def test_files_named_by_uid_without_extension_are_grouped_into_their_series(ray_cluster, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "ds"
+    phantoms.write_files(str(src), "ct3d", patients=2, images_per_patient=1, size=16, seed=4, file_format="dicom",
+                         progress=False)
+    for path in src.rglob("*.dcm"):  # as PACS exports name them: the SOP Instance UID, dots and no extension
+        path.rename(path.with_name(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)))
+
+    summary = ingest(str(src), str(dst), _cfg(spatial_dims=3, size=(8, 8, 8), val_fraction=0.0,
+                                              test_fraction=0.0))
+
+    assert (summary.ingested, summary.quarantined) == (2, 0)

@@ -191,3 +191,25 @@ def test_multi_frame_file_where_2d_images_are_expected_is_bad_input_before_decod
 
     with pytest.raises(BadInputError, match=expected):
         read("emri_small.dcm", spatial_dims=2)
+
+
+@pytest.mark.parametrize("name, implicit_vr, little_endian", [
+    ("MR_small_implicit.dcm", True, True), ("MR_small.dcm", False, True), ("MR_small_bigendian.dcm", False, False)])
+def test_a_bare_dataset_without_preamble_or_file_meta_reads_like_the_file(name, implicit_vr, little_endian):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    path = get_testdata_file(name)
+    stream = DicomBytesIO()
+    stream.is_implicit_VR, stream.is_little_endian = implicit_vr, little_endian
+    write_dataset(stream, pydicom.dcmread(path))  # what older systems write: no preamble, no 'DICM', no meta
+
+    bare = formats.read_dicom_series([("bare", stream.getvalue())], spatial_dims=2)
+    full = formats.read_dicom_series([("full", Path(path).read_bytes())], spatial_dims=2)
+
+    assert np.array_equal(bare.array, full.array)
+
+
+def test_bytes_that_are_no_dataset_are_still_not_dicom():
+    with pytest.raises(formats.BadInputError, match="not a DICOM file"):
+        formats.read_dicom_header(b"hello world\n" * 50, "notes")
