@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -219,19 +218,6 @@ def audit_epochs(autoencoder_epochs: int, diffusion_epochs: int, audit_every: in
     diffusion epochs, and the last."""
     counts = sorted({*range(audit_every, diffusion_epochs + 1, audit_every), diffusion_epochs})
     return [autoencoder_epochs + count - 1 for count in counts]
-
-
-def git_revision() -> str:
-    """The code's git revision: RAYMEM_GIT_REVISION, else `git rev-parse HEAD` of this checkout, else 'unknown'
-    (``ray job submit`` uploads the working tree without .git)."""
-    if os.environ.get("RAYMEM_GIT_REVISION"):
-        return os.environ["RAYMEM_GIT_REVISION"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def _embedding_table(uri: str) -> pa.Table:
@@ -472,7 +458,8 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
     uri = study.tracking_uri or (tracking.tracking_uri() if storage.is_s3(root) or os.environ.get(
         "MLFLOW_TRACKING_URI") else tracking.tracking_uri(root))
     artifacts = storage.join(root, "mlartifacts")
-    context = {"root": root, "tracking_uri": uri, "git_revision": git_revision(), "config_hash": study.digest()}
+    context = {"root": root, "tracking_uri": uri, "git_revision": tracking.git_revision(),
+               "config_hash": study.digest()}
     levels = study.levels()
     with tracking.run(study.study, f"sweep/{study.sweep}", uri=uri, artifact_location=artifacts,
                       tags={"raymem.kind": "sweep", "raymem.sweep": study.sweep,

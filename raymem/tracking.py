@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,20 @@ from pathlib import Path
 from typing import Any
 
 RUN_KEY_TAG = "raymem.run_key"
+GIT_REVISION_TAG = "raymem.git_revision"
+
+
+def git_revision() -> str:
+    """The code's git revision: RAYMEM_GIT_REVISION, else `git rev-parse HEAD` of this checkout, else 'unknown'
+    (``ray job submit`` uploads the working tree without .git)."""
+    if os.environ.get("RAYMEM_GIT_REVISION"):
+        return os.environ["RAYMEM_GIT_REVISION"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def tracking_uri(default_root: str = ".") -> str:
@@ -67,7 +82,8 @@ def run(experiment: str, run_key: str, *, uri: str | None = None, artifact_locat
     exp_id = experiment_id(client, experiment, artifact_location)
     existing = find_run(client, exp_id, run_key)
     if existing is None:
-        all_tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_key, **(tags or {})}
+        # Every run names its code; on a cluster, RAYMEM_GIT_REVISION set at submit time (docs/cluster.md).
+        all_tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_key, GIT_REVISION_TAG: git_revision(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, tags=all_tags, run_name=run_key).info.run_id
