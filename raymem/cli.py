@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from raymem import config
+from raymem import config, preflight
 
 DESCRIPTION = """\
 raymem audits generative models of medical images for patient-data memorization.
@@ -40,6 +40,7 @@ def _ingest(args: argparse.Namespace) -> int:
         "format": args.format, "spatial_dims": args.spatial_dims,
         "size": tuple(args.size) if args.size else None, "modality": args.modality, "fit": args.fit,
         "seed": args.seed, "strict": True if args.strict else None, "patient_pattern": args.patient_pattern})
+    preflight.run_preflight(args.dst)
     runtime.init_ray()
     summary = ingest(args.src, args.dst, cfg, owner_report=args.owner_report)
     print("\n".join(summary.lines()))
@@ -49,6 +50,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _phantoms(args: argparse.Namespace) -> int:
     from raymem.data import phantoms
 
+    preflight.run_preflight(args.dst)
     if args.as_files:
         n = phantoms.write_files(args.dst, args.kind, patients=args.patients,
                                  images_per_patient=args.images_per_patient, size=args.size, seed=args.seed,
@@ -72,6 +74,7 @@ def _train_detector(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "out": args.out, "run_name": args.run_name, "preset": args.preset,
         "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.num_workers,
         "use_gpu": True if args.use_gpu else None, "augmentation": args.augmentation})
+    preflight.run_preflight(cfg.out, experiment=cfg.experiment)
     runtime.init_ray()
     result = train_detector(cfg)
     print(json.dumps({"detector": result["detector"], "mlflow_run_id": result["run_id"],
@@ -86,6 +89,7 @@ def _embed(args: argparse.Namespace) -> int:
     cfg = config.load(config.EmbedConfig, args.config, {
         "detector": args.detector, "data": args.data, "out": args.out,
         "splits": tuple(args.splits) if args.splits else None, "use_gpu": True if args.use_gpu else None})
+    preflight.run_preflight(cfg.out)
     runtime.init_ray()
     counts = embed_dataset(cfg)
     print("\n".join(f"{split:<6} {n:>8} embeddings -> {args.out}/{split}" for split, n in counts.items()))
@@ -93,7 +97,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _train_ldm(args: argparse.Namespace) -> int:
-    from raymem import runtime
+    from raymem import runtime, tracking
     from raymem.train.ldm import train_ldm
 
     cfg = config.load(config.LDMTrainConfig, args.config, {
@@ -102,6 +106,7 @@ def _train_ldm(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "num_workers": args.num_workers, "train_size": args.train_size,
         "split": args.split, "use_gpu": True if args.use_gpu else None,
         "augment": {"enabled": args.augment == "on"} if args.augment else None})
+    preflight.run_preflight(cfg.out, experiment=cfg.experiment, artifact_location=tracking.artifact_root(cfg.out))
     runtime.init_ray()
     result = train_ldm(cfg)
     print(json.dumps({"run": result["run"], "mlflow_run_id": result["run_id"], "last_epoch": result["metrics"]},
@@ -117,6 +122,7 @@ def _sample(args: argparse.Namespace) -> int:
         "run": args.run, "epoch": args.epoch, "n": args.n, "out": args.out, "ddim_steps": args.ddim_steps,
         "seed": args.seed, "batch_size": args.batch_size, "num_actors": args.num_actors,
         "use_gpu": True if args.use_gpu else None})
+    preflight.run_preflight(cfg.out)
     runtime.init_ray()
     print(json.dumps(sample_run(cfg), indent=2))
     return 0
@@ -129,14 +135,15 @@ def _audit_config(args: argparse.Namespace) -> config.AuditConfig:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from raymem import runtime
+    from raymem import runtime, tracking
     from raymem.audit.images import audit_images
 
     cfg = _audit_config(args)
+    preflight.run_preflight(args.out, experiment=tracking.DEFAULT_EXPERIMENT)
     runtime.init_ray()
     metrics = audit_images(args.dataset, args.synthetic, args.detector, args.out, cfg, labels_csv=args.labels,
-                           distributed=args.distributed, run_name=args.run_name,
-                           null_synthetic_uri=args.null_synthetic)
+                           distributed=args.distributed, experiment=tracking.DEFAULT_EXPERIMENT,
+                           run_name=args.run_name, null_synthetic_uri=args.null_synthetic)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2, sort_keys=True))
     print(f"report: {args.out}/report.html")
     return 0
@@ -145,6 +152,7 @@ def _audit(args: argparse.Namespace) -> int:
 def _filter(args: argparse.Namespace) -> int:
     from raymem.audit.images import filter_copies
 
+    preflight.run_preflight(args.out)
     counts = filter_copies(args.audit, args.synthetic, args.out)
     print(f"synthetic {counts['synthetic']}, removed {counts['removed']} flagged copies, kept {counts['kept']} "
           f"-> {args.out}")
@@ -155,6 +163,7 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
     from raymem.audit.embeddings import audit_embeddings
 
     cfg = _audit_config(args)
+    preflight.run_preflight(args.out)
     if args.distributed:
         from raymem import runtime
         runtime.init_ray()
@@ -173,8 +182,11 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from raymem.sweep import sweep_command
+    from raymem.sweep import load_study, sweep_command
 
+    study = load_study(args.config, sweep=args.sweep)
+    # The sweep's first tracked stage is train-detector, which creates the experiment without an artifact location.
+    preflight.run_preflight(study.root(), experiment=study.study, tracking_uri=study.tracking_uri)
     return sweep_command(args.config, args.sweep, out=sys.stdout)
 
 
@@ -182,8 +194,10 @@ def _dashboard(args: argparse.Namespace) -> int:
     from raymem import tracking
     from raymem.dashboard import build_dashboard
 
-    built = build_dashboard(args.experiment, args.out, tracking_uri=args.tracking_uri or tracking.tracking_uri(),
-                            sweep=args.sweep)
+    uri = args.tracking_uri or tracking.tracking_uri()
+    preflight.check_tracking(uri)  # reads the experiment's runs: the server answers; nothing is created
+    preflight.check_storage(args.out)
+    built = build_dashboard(args.experiment, args.out, tracking_uri=uri, sweep=args.sweep)
     print(f"dashboard of {built['trials']} trials: {args.out}/index.html")
     return 0
 
@@ -417,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
             err = access_error(err)  # a filesystem call outside raymem.storage's own wrapping (pyarrow, Ray Data)
-        if isinstance(err, (IngestError, DatasetError, StorageError, ValueError, FileNotFoundError)):
+        if isinstance(err, (preflight.PreflightError, IngestError, DatasetError, StorageError, ValueError,
+                            FileNotFoundError)):
             print(f"raymem {args.command}: {err}", file=sys.stderr)
             return 1
         raise

@@ -38,12 +38,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from raymem import config, storage
+from raymem import config, storage, tracking
 from raymem.config import ConfigError, _Strict
+from raymem.preflight import PreflightError, run_preflight
 
 STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
 NULL_STAGES = ("train-null-ldm", "sample-null")  # the generator-null calibration; skipped without a null section
 EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
+TRACKED_STAGES = ("train-detector", "train-ldm", "train-null-ldm", "audit")  # the stages that log to MLflow
 
 
 class PhantomSource(_Strict):
@@ -293,6 +295,15 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
     raise AssertionError(f"unknown stage {stage!r}")
 
 
+def _preflight(job: JobConfig, stages: tuple[str, ...]) -> None:
+    """Before Ray and any stage: the storage root is writable and, when a stage logs, the tracking store answers and
+    holds the experiment, created as the first stage to log would create it (train-ldm names its artifact location)."""
+    tracked = [stage for stage in stages if stage in TRACKED_STAGES]
+    names_artifacts = bool(tracked) and tracked[0] in ("train-ldm", "train-null-ldm")
+    run_preflight(job.root(), experiment=job.experiment if tracked else None, tracking_uri=job.tracking_uri,
+                  artifact_location=tracking.artifact_root(job.root()) if names_artifacts else None)
+
+
 def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
     """The body of every jobs/*.py entrypoint: parse --config/--run-name, join Ray, run ``stages`` in order."""
     parser = argparse.ArgumentParser(description=f"raymem job: {' -> '.join(stages)}. "
@@ -310,6 +321,11 @@ def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
     if job.tracking_uri:
         # The stages read MLFLOW_TRACKING_URI (raymem.tracking); the file's value wins for this process.
         os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
+    try:
+        _preflight(job, stages)
+    except PreflightError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 1
     from raymem import runtime
 
     runtime.init_ray()

@@ -12,6 +12,7 @@ import logging
 import os
 import posixpath
 import stat
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,9 +63,11 @@ def _accessing(uri: str, action: str) -> Iterator[None]:
         raise access_error(err, uri, action) from err
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def _s3_filesystem(**options) -> pafs.S3FileSystem:
+    """The S3 filesystem of the AWS_* environment; ``options`` are further S3FileSystem arguments (timeouts)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                    **options}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
@@ -137,6 +140,49 @@ def delete(uri: str) -> None:
             fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
+
+
+def check_writable(uri: str, timeout_s: float = 5.0) -> None:
+    """Write and delete a small hidden probe object in folder ``uri``, leaving the storage as it was (a local folder
+    created for the probe is removed again; on S3, pyarrow keeps an empty folder marker for a new prefix, as after any
+    delete); a StorageError naming the URI and what to check when it is unreachable, missing or read-only.
+
+    S3 is asked once, with ``timeout_s`` connect and request timeouts and no retries, so an unreachable endpoint fails
+    in seconds rather than after the SDK's retries; a missing bucket is named as such.
+    """
+    if is_s3(uri):
+        fs = _s3_filesystem(connect_timeout=timeout_s, request_timeout=timeout_s,
+                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        root = uri[len("s3://"):].rstrip("/")
+        bucket = root.split("/", 1)[0]
+        with _accessing(uri, "reach"):
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        if missing:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS"
+            raise StorageError(f"bucket {bucket} of {uri} does not exist at {endpoint}; create it, or point the "
+                               "storage root at an existing bucket (AWS_ENDPOINT_URL names the S3 endpoint)")
+    else:
+        fs, root = filesystem(uri)
+    probe = posixpath.join(root, f".raymem-probe-{uuid.uuid4().hex}")  # hidden: list_files never lists a leftover
+    created = None if is_s3(uri) else _outermost_missing(root)
+    with _accessing(uri, "write to"):
+        try:
+            if created:
+                fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(probe, compression=None) as stream:
+                stream.write(b"raymem write check\n")
+            fs.delete_file(probe)
+        finally:
+            if created and os.path.isdir(created):
+                fs.delete_dir(created)
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The outermost folder of local ``path`` that does not exist yet (the first a recursive mkdir creates), or None."""
+    outermost = None
+    while not os.path.lexists(path):
+        outermost, path = path, os.path.dirname(path)
+    return outermost
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:

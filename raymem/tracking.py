@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raymem import storage
+
 RUN_KEY_TAG = "raymem.run_key"
+DEFAULT_EXPERIMENT = "raymem"  # the experiment of a CLI command that names none (raymem audit)
 GIT_REVISION_TAG = "raymem.git_revision"
 
 
@@ -35,12 +38,27 @@ def git_revision() -> str:
 
 
 def tracking_uri(default_root: str = ".") -> str:
-    """MLFLOW_TRACKING_URI when set, else a sqlite store in ``default_root`` (a local folder)."""
+    """MLFLOW_TRACKING_URI when set, else a sqlite store in ``default_root`` (a local folder, created here)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        Path(default_root).absolute().mkdir(parents=True, exist_ok=True)
+    return _store_uri(default_root)
+
+
+def _store_uri(default_root: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(default_root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{Path(default_root).absolute() / 'mlflow.db'}"
+
+
+def stage_tracking_uri(out: str) -> str:
+    """The store a stage writing under ``out`` logs to, named without creating anything: MLFLOW_TRACKING_URI when
+    set, else sqlite in ``out`` when it is a local folder, else sqlite in the working directory."""
+    return _store_uri("." if storage.is_s3(out) else out)
+
+
+def artifact_root(out: str) -> str:
+    """``<out>/mlartifacts`` (a local ``out`` made absolute): the artifact location train-ldm gives a new experiment."""
+    return storage.join(storage.absolute(out), "mlartifacts")
 
 
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
