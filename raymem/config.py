@@ -272,6 +272,12 @@ class LDMTrainConfig(_Strict):
     cpus_per_worker: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves per worker; also its torch thread count")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints (the last always saved)")
+    keep_checkpoints: int | None = Field(
+        default=None, ge=1, description="the most recent checkpoints kept, besides keep_epochs (older ones are "
+                                        "deleted as training goes; each holds the model and its optimisers); None: "
+                                        "every checkpoint, so any saved epoch can be sampled")
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="epochs whose checkpoints are never deleted (a sweep: the audited ones)")
     grid_every: int = Field(default=10, ge=1, description="diffusion epochs between sample grids logged to MLflow")
     grid_samples: int = Field(default=8, ge=1, le=64, description="images per logged sample grid")
     eval_max_images: int = Field(default=32, ge=1, description="validation and fixed-batch images (rank 0)")

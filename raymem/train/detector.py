@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from raymem import storage, tracking
 from raymem.config import DetectorTrainConfig
 from raymem.data import shards
+from raymem.train.faults import crash_once
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 patients = None  # a one-patient batch falls back to the paper's loss rather than skipping (DDP)
             losses.append(train_step(model, optimizer, images, patients, augment, temperature=cfg.temperature,
                                      autocast_bf16=device.type == "cuda"))
-            if cfg.fail_at_epoch == epoch and rank == 0 and not storage.exists(loop_config["failure_marker"]):
-                storage.write_bytes(loop_config["failure_marker"], b"injected once")
-                os._exit(1)  # a crashed worker, as a lost node would look to Ray Train
+            if cfg.fail_at_epoch == epoch and rank == 0:
+                crash_once(loop_config["failure_marker"], epoch, cfg.checkpoint_every)
         metrics = {"train_loss": float(sum(losses) / max(len(losses), 1)), "lr": lr, "epoch": epoch}
         last = epoch == cfg.epochs - 1
         if rank == 0 and (last or (epoch + 1) % cfg.eval_every == 0):

@@ -2,8 +2,9 @@
 
 The science (networks, losses, latent scale, DDIM sampling) is in raymem.models.ldm; this module streams data,
 schedules epochs, checkpoints, retries and logs. Epochs are numbered across both stages (0 .. autoencoder_epochs-1
-train the autoencoder, the rest the UNet) and every checkpoint is kept as <out>/ldm/<run_name>/epoch-<E>/ with
-``state.pt`` (resume) and ``ldm.pt`` (what ``raymem sample`` loads), so any saved epoch can be sampled.
+train the autoencoder, the rest the UNet) and checkpoints are <out>/ldm/<run_name>/epoch-<E>/ with ``state.pt``
+(resume) and ``ldm.pt`` (what ``raymem sample`` loads). By default every one is kept, so any saved epoch can be
+sampled; ``keep_checkpoints`` bounds them to the most recent few plus ``keep_epochs`` (a sweep keeps its audited ones).
 The images trained on are ``cfg.split`` ("train"; "test" for the generator-null), or its nested ``train_size`` subset;
 their sample ids are written to <run>/training_ids.json, the generator's exact training set for an audit.
 
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,13 @@ import torch
 from raymem import storage, tracking
 from raymem.config import LDMTrainConfig
 from raymem.data import shards
+from raymem.train.faults import crash_once
 
 STATE_FILE = "state.pt"
 LDM_FILE = "ldm.pt"
 TRAINING_IDS_FILE = "training_ids.json"
+CHECKPOINT_PRIORITY = "checkpoint_priority"  # reported with each checkpoint; see checkpoint_priority
+_KEPT_EPOCH_BONUS = 1_000_000_000
 
 
 def run_uri(cfg: LDMTrainConfig) -> str:
@@ -175,9 +178,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                                               perceptual_weight=cfg.perceptual_weight, autocast_bf16=autocast_bf16)
                 for name, value in terms.items():
                     losses[f"{name}_train"].append(value)
-            if cfg.fail_at_epoch == epoch and rank == 0 and not storage.exists(loop_config["failure_marker"]):
-                storage.write_bytes(loop_config["failure_marker"], b"injected once")
-                os._exit(1)  # a crashed worker, as a lost node would look to Ray Train
+            if cfg.fail_at_epoch == epoch and rank == 0:
+                crash_once(loop_config["failure_marker"], epoch, cfg.checkpoint_every)
         stage = "diffusion" if in_diffusion else "autoencoder"
         metrics: dict[str, float] = {f"{stage}/{name}": float(np.mean(values)) for name, values in losses.items()}
         # Training throughput of this worker, data streaming included, and the wait for the epoch's first batch
@@ -217,9 +219,27 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                         metadata={**meta, "epoch": epoch, "diffusion_epochs_trained": trained,
                                   "run_name": cfg.run_name, "num_train_timesteps": cfg.num_train_timesteps}))
                     saved = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:05d}")
+                ray.train.report({**metrics, CHECKPOINT_PRIORITY: checkpoint_priority(epoch, cfg.keep_epochs)},
+                                 checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:05d}")
         else:
             ray.train.report(metrics)
+
+
+def checkpoint_priority(epoch: int, keep_epochs: Collection[int]) -> int:
+    """The score Ray Train keeps checkpoints by (highest kept): an epoch of ``keep_epochs`` above every other, then
+    newer above older, so the checkpoints deleted first are the oldest ones nobody asked to keep."""
+    return epoch + (_KEPT_EPOCH_BONUS if epoch in keep_epochs else 0)
+
+
+def _checkpoint_config(cfg: LDMTrainConfig):
+    """Every checkpoint, or the ``keep_checkpoints`` most recent plus ``keep_epochs``. Ray Train deletes the
+    lowest-priority ones beyond ``num_to_keep`` and never the latest (the one a restart resumes from)."""
+    import ray.train
+
+    if cfg.keep_checkpoints is None:
+        return ray.train.CheckpointConfig(num_to_keep=None)
+    return ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints + len(set(cfg.keep_epochs)),
+                                      checkpoint_score_attribute=CHECKPOINT_PRIORITY, checkpoint_score_order="max")
 
 
 def _dataset_meta(dataset: str, split: str) -> dict[str, Any]:
@@ -295,7 +315,7 @@ def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | No
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=storage.absolute(storage.join(cfg.out, "ldm")), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+            checkpoint_config=_checkpoint_config(cfg)),
         datasets={"train": train_data}, dataset_config=ordered_ingest(),
     )
     result = trainer.fit()

@@ -9,7 +9,7 @@ import pytest
 
 from raymem import config, storage
 from raymem.data import shards
-from raymem.generate import sample_run
+from raymem.generate import sample_run, saved_epochs
 from raymem.train.ldm import TRAINING_IDS_FILE, train_ldm
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,9 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tm
     dataset = make_phantom_dataset("xray2d", patients=12, per_patient=2)
     out = str(tmp_path / "out")
 
-    result = train_ldm(_train_cfg(dataset, out, fail_at_epoch=1, max_failures=1, train_size=16))
+    # Retention on: the latest checkpoint and epoch 1's (asked for) survive; 0 and 2 go as training moves on.
+    result = train_ldm(_train_cfg(dataset, out, fail_at_epoch=1, max_failures=1, train_size=16, keep_checkpoints=1,
+                                  keep_epochs=[1]))
 
     client, runs = _mlflow_runs(out)
     run_id = runs[0].info.run_id
@@ -48,7 +50,9 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tm
     assert storage.exists(storage.join(result["run"], ".injected-failure"))
     assert result["metrics"]["epoch"] == 3
     assert [r.info.status for r in runs] == ["FINISHED"]
-    assert sorted(_history(client, run_id, "epoch")) == [0, 1, 2, 3]
+    # Each epoch logged once: the crash in epoch 1 resumed from epoch 0's checkpoint, it did not start over.
+    assert sorted(m.step for m in client.get_metric_history(run_id, "epoch")) == [0, 1, 2, 3]
+    assert saved_epochs(result["run"]) == [1, 3]
     assert recon[1] < recon[0] and diffusion[3] < diffusion[2]
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples-epoch-00003.png"]
 

@@ -10,7 +10,7 @@ import torch
 
 from raymem.data import phantoms, transforms
 from raymem.models import ldm as core
-from raymem.train.ldm import nested_subset
+from raymem.train.ldm import checkpoint_priority, nested_subset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,3 +147,9 @@ def test_the_same_tiny_ldm_trained_briefly_does_not(four_images_and_autoencoder)
     samples = _train_diffusion_and_sample(images, state, steps=40, seed=1)
 
     assert float(_nearest_training_correlation(samples, images).median()) < 0.95  # measured 0.23-0.32
+
+
+def test_checkpoints_are_dropped_oldest_first_and_asked_for_epochs_last():
+    # Ray Train deletes the lowest priority first: epochs nobody asked to keep, oldest first, then kept ones.
+    epochs = [0, 1, 2, 3, 4, 5]
+    assert sorted(epochs, key=lambda epoch: checkpoint_priority(epoch, {1, 3})) == [0, 2, 4, 5, 1, 3]
