@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, help="phantom patients (default: 200 cpu, 2000 gpu)")
     parser.add_argument("--images-per-patient", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="Ray's own progress bars and INFO logs too")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[runtime.VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run(args.out, patients=args.patients or SCALES[args.scale][2], images_per_patient=args.images_per_patient, seed=args.seed,
         scale=args.scale)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from raymem import config, storage, tracking
+from raymem import config, runtime, storage, tracking
 from raymem.config import ConfigError, _Strict
 from raymem.preflight import PreflightError, run_preflight
 
@@ -310,7 +310,11 @@ def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
                                                  "Submit with `ray job submit --working-dir . -- python jobs/...`.")
     parser.add_argument("--config", required=True, help="job YAML (local path or s3://), a section per stage")
     parser.add_argument("--run-name", help="override the file's run_name (same name: resume; new name: new run)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own progress bars and INFO logs in the job log (or RAYMEM_VERBOSE=1)")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[runtime.VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job = load_job(args.config, run_name=args.run_name)
@@ -326,8 +330,6 @@ def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"{args.config}: {err}", file=sys.stderr)
         return 1
-    from raymem import runtime
-
     runtime.init_ray()
     for stage in stages:
         print(f"== {stage} ({job.run_name})", flush=True)

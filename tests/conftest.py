@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAYMEM_DASHBOARD", "0")  # many short local clusters: no dashboard each (raymem.runtime)
 
 
 @pytest.fixture(scope="session")

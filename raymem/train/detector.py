@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from raymem import storage, tracking
+from raymem import runtime, storage, tracking
 from raymem.config import DetectorTrainConfig
 from raymem.data import shards
-from raymem.train.faults import crash_once
+from raymem.train.shared import crash_once, progress_line, quiet_train_reports, say
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     from raymem.audit.accuracy import accuracy_with_baselines
     from raymem.models.copy_transforms import TRANSFORM_PRESETS, random_transform
     from raymem.models.detector import build_detector, cosine_lr, detector_checkpoint, train_step
+
+    quiet_train_reports(loop_config["log_level"])
 
     cfg = DetectorTrainConfig(**loop_config["cfg"])
     # Float sums split over threads: a thread count from the config, not the machine, keeps the weights the same.
@@ -103,6 +105,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             metrics.update(accuracy_with_baselines(bare_model, images.to(device), patient_ids, seed=cfg.seed))
         if tracked is not None:
             tracking.log_metrics(tracked, metrics, step=epoch)
+            if progress_line(epoch, cfg.epochs):
+                say(f"detector {cfg.run_name}: epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.4g}")
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
@@ -138,10 +142,12 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
             _train_loop,
             train_loop_config={"cfg": cfg.model_dump(), "spatial_dims": manifest["spatial_dims"], "run_id": tracked.run_id,
                                "tracking_uri": uri,
-                               "failure_marker": storage.join(run_root(cfg), cfg.run_name, ".injected-failure")},
+                               "failure_marker": storage.join(run_root(cfg), cfg.run_name, ".injected-failure"),
+                               "log_level": runtime.train_log_level()},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=ray.train.RunConfig(
+                logging_config=ray.train.LoggingConfig(log_level=runtime.train_log_level()),
                 name=cfg.run_name, storage_path=storage.absolute(run_root(cfg)),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymem import storage, tracking
+from raymem import runtime, storage, tracking
 from raymem.config import LDMTrainConfig
 from raymem.data import shards
-from raymem.train.faults import crash_once
+from raymem.train.shared import crash_once, progress_line, quiet_train_reports, say
 
 STATE_FILE = "state.pt"
 LDM_FILE = "ldm.pt"
@@ -85,6 +85,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     from raymem.data.transforms import make_augment
     from raymem.models import ldm as core
+
+    quiet_train_reports(loop_config["log_level"])
 
     cfg = LDMTrainConfig(**loop_config["cfg"])
     meta = loop_config["dataset_meta"]
@@ -202,6 +204,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 metrics["autoencoder/recon_val"] = core.reconstruction_l1(model, val_images)
                 metrics["autoencoder/recon_train_fixed"] = core.reconstruction_l1(model, fixed_train_images)
             tracking.log_metrics(tracked, metrics, step=epoch)
+            if progress_line(epoch, total_epochs):
+                loss = "diffusion/diffusion_train" if in_diffusion else "autoencoder/recon_train"
+                say(f"ldm {cfg.run_name}: epoch {epoch + 1}/{total_epochs} ({stage}), {loss.split('/')[1]} "
+                    f"{metrics.get(loss, float('nan')):.4g}, {time.perf_counter() - started:.0f} s")
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
@@ -309,10 +315,12 @@ def _fit(cfg: LDMTrainConfig, meta: dict[str, Any], training_ids: list[str] | No
         _train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "dataset_meta": meta, "training_ids": training_ids,
                            "run_id": tracked.run_id, "tracking_uri": tracked.uri,
-                           "failure_marker": storage.join(run_uri(cfg), ".injected-failure")},
+                           "failure_marker": storage.join(run_uri(cfg), ".injected-failure"),
+                           "log_level": runtime.train_log_level()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
+            logging_config=ray.train.LoggingConfig(log_level=runtime.train_log_level()),
             name=cfg.run_name, storage_path=storage.absolute(storage.join(cfg.out, "ldm")), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=_checkpoint_config(cfg)),
