@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
+LOCAL_OUT ?= local-cluster-out
 SCALE ?= cpu
 
-.PHONY: setup test test-fast demo browser clean
+.PHONY: setup test test-fast demo local-cluster browser clean
 
 # torch first (the pinned CPU wheel): anything that pulls an unpinned torch would fetch gigabytes of CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -34,5 +35,10 @@ test-fast: setup
 demo: setup
 	$(BIN)/python -m raymem.demo --out $(DEMO_OUT) --scale $(SCALE)
 
+# A Ray head, an MLflow server and S3 (moto) on 127.0.0.1 running the tiny pipeline as a Ray job, then stopped
+# (docs/cluster.md, "Try it locally first"); KEEP=1 leaves them up until Ctrl-C.
+local-cluster: setup
+	$(BIN)/raymem local-cluster --out $(LOCAL_OUT)$(if $(KEEP), --keep)
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) $(LOCAL_OUT) .pytest_cache

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from raymem import config, preflight
+from raymem import config, preflight, runtime
 
 DESCRIPTION = """\
 raymem audits generative models of medical images for patient-data memorization.
@@ -25,6 +26,8 @@ stages:
   sweep             Ray Tune over the memorization factors (data size, augmentation, model size, training
                     length): an LDM per trial, audited at several epochs; parent/child runs in MLflow
   dashboard         comparison plots and an HTML page of a sweep, built from its MLflow runs
+  local-cluster     a Ray head, an MLflow server and an S3 endpoint on 127.0.0.1 running the tiny pipeline as a
+                    Ray job: try the cluster workflow on a laptop (docs/cluster.md)
 
 Every stage reads and writes URIs: a local path or s3://bucket/prefix (endpoint and credentials from
 AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Ray: joins RAY_ADDRESS when set, else starts
@@ -33,7 +36,6 @@ a local cluster.
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from raymem import runtime
     from raymem.data.ingest import ingest
 
     cfg = config.load(config.IngestConfig, args.config, {
@@ -67,7 +69,6 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _train_detector(args: argparse.Namespace) -> int:
-    from raymem import runtime
     from raymem.train.detector import train_detector
 
     cfg = config.load(config.DetectorTrainConfig, args.config, {
@@ -83,7 +84,6 @@ def _train_detector(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from raymem import runtime
     from raymem.embed import embed_dataset
 
     cfg = config.load(config.EmbedConfig, args.config, {
@@ -97,7 +97,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _train_ldm(args: argparse.Namespace) -> int:
-    from raymem import runtime, tracking
+    from raymem import tracking
     from raymem.train.ldm import train_ldm
 
     cfg = config.load(config.LDMTrainConfig, args.config, {
@@ -115,7 +115,6 @@ def _train_ldm(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from raymem import runtime
     from raymem.generate import sample_run
 
     cfg = config.load(config.SampleConfig, args.config, {
@@ -135,7 +134,7 @@ def _audit_config(args: argparse.Namespace) -> config.AuditConfig:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from raymem import runtime, tracking
+    from raymem import tracking
     from raymem.audit.images import audit_images
 
     cfg = _audit_config(args)
@@ -165,7 +164,6 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
     cfg = _audit_config(args)
     preflight.run_preflight(args.out)
     if args.distributed:
-        from raymem import runtime
         runtime.init_ray()
     reference_ids = None
     if args.reference_ids and cfg.reference == "generator":
@@ -202,6 +200,12 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_cluster(args: argparse.Namespace) -> int:
+    from raymem import localcluster
+
+    return localcluster.main(args.out, keep=args.keep)
+
+
 def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, help="threshold percentile (default 95, the paper's)")
     p.add_argument("--top-k", type=int, help="training neighbours kept per synthetic sample (default 5)")
@@ -221,7 +225,9 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymem", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, tracebacks, and Ray's own progress bars and INFO logs (hidden by default; "
+                             "they always go to the Ray session's log files)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("phantoms", help="generate phantom patients (embedded default data)",
@@ -390,6 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="the sweep name (default: the experiment's latest sweep)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=_dashboard)
+
+    p = sub.add_parser("local-cluster", help="try it locally: Ray head, MLflow and S3 on 127.0.0.1, tiny pipeline",
+                       description="Starts a Ray head (ray start --head), an MLflow server and an S3 endpoint (moto "
+                                   "server) on 127.0.0.1, submits jobs/pipeline.py --config "
+                                   "jobs/configs/tiny-xray2d.yaml with `ray job submit --working-dir .`, follows its "
+                                   "log, prints where to look (dashboard, MLflow UI, bucket and outputs, how to "
+                                   "rerun), then stops everything it started; Ctrl-C stops everything too. The S3 "
+                                   "keys are in a credentials file the Ray head starts with, never in the job's "
+                                   "runtime env. Needs the test extra (make setup).")
+    p.add_argument("--out", default="local-cluster-out",
+                   help="state folder: the MLflow store, the service logs and each job's log (default "
+                        "local-cluster-out)")
+    p.add_argument("--keep", action="store_true",
+                   help="leave everything running after the job, until Ctrl-C, to browse the dashboard and MLflow")
+    p.set_defaults(func=_local_cluster)
     return parser
 
 
@@ -414,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("raymem").setLevel(logging.DEBUG)
+        os.environ[runtime.VERBOSE_ENV] = "1"  # Ray's progress bars and INFO logs too (raymem.runtime)
     _absolute_paths(args)
     try:
         return args.func(args)

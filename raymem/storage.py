@@ -2,7 +2,8 @@
 
 S3 endpoint and credentials come from the standard AWS environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so the same
-command runs against AWS, MinIO or a moto server on 127.0.0.1.
+command runs against AWS, MinIO or a moto server on 127.0.0.1. Without ``AWS_ACCESS_KEY_ID`` the AWS default chain
+finds them: a credentials file (``AWS_SHARED_CREDENTIALS_FILE``), an instance profile, a pod identity.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from services import BIN, descendants
+
+from raymem.localcluster import BIN, descendants
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ def test_help_lists_every_subcommand(capsys):
 
     text = capsys.readouterr().out
     assert all(name in text for name in ("phantoms", "ingest", "train-detector", "embed", "train-ldm", "sample",
-                                         "audit", "filter", "audit-embeddings", "sweep", "dashboard"))
+                                         "audit", "filter", "audit-embeddings", "sweep", "dashboard",
+                                         "local-cluster"))
 
 
 def test_a_bad_config_value_names_the_field_and_exits_2(capsys, tmp_path):
