@@ -137,7 +137,9 @@ class JobConfig(_Strict):
         """The storage root: the file's ``storage_root``, else $RAYMEM_STORAGE_ROOT."""
         root = self.storage_root or os.environ.get(STORAGE_ROOT_ENV)
         if not root:
-            raise ConfigError(f"storage_root: not set; put it in the job file or export {STORAGE_ROOT_ENV}=s3://...")
+            raise ConfigError(f"storage_root: not set; put it in the job file, or set {STORAGE_ROOT_ENV}=s3://... "
+                              "(locally: export it; for `ray job submit`: in --runtime-env-json's env_vars, or on the "
+                              "cluster's nodes)")
         return root.rstrip("/")
 
     def ingest_config(self) -> config.IngestConfig:

@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 FACTORS = ("train_size", "augment", "preset", "diffusion_epochs")
 TRIAL_DONE = "trial.json"
 FIGURES = "figures.json"
-_DERIVED_LDM_FIELDS = ("dataset", "out", "run_name", "experiment")
+_DERIVED_LDM_FIELDS = ("dataset", "out", "run_name", "experiment", "keep_epochs")
+SWEEP_KEEP_CHECKPOINTS = 1  # besides the audited epochs: the latest, which a continued trial resumes from
+RAY_DATA_CPUS_PER_TRIAL = 1.0  # kept free for a trial's Ray Data tasks: Train workers on every CPU starve them
+SCHEDULING_FIELDS = ("max_concurrent_trials", "trial_cpus", "max_trial_failures")  # not in the config hash
 
 
 class Factors(_Strict):
@@ -122,8 +125,12 @@ class StudyConfig(_Strict):
                     "Rows left out serve the real-vs-real baseline")
     audit: AuditSection = Field(default=AuditSection(), description="AuditConfig values, plus distributed")
     early_stop: EarlyStop = Field(default=EarlyStop(), description="memorization-informed early stopping (off)")
-    max_concurrent_trials: int = Field(default=1, ge=1, description="trials trained at once (each holds its "
-                                                                     "LDM workers)")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1,
+        description="trials run at once; None: as many as the cluster's CPUs and GPUs hold when the sweep starts, "
+                    "each trial counted at its peak: its driver (trial_cpus), the largest of its stages (LDM Train "
+                    "workers, sampling actors, embedding actors) and one CPU for its Ray Data tasks "
+                    "(docs/cluster.md)")
     trial_cpus: float = Field(default=1.0, ge=0, description="CPUs held by each trial's driver (audit, sampling)")
     max_trial_failures: int = Field(default=0, ge=0, description="Tune retries of a crashed trial")
 
@@ -150,7 +157,8 @@ class StudyConfig(_Strict):
     def root(self) -> str:
         root = self.storage_root or os.environ.get(STORAGE_ROOT_ENV)
         if not root:
-            raise ConfigError(f"storage_root: not set; put it in the study file or export {STORAGE_ROOT_ENV}")
+            raise ConfigError(f"storage_root: not set; put it in the study file, or set {STORAGE_ROOT_ENV} (locally: "
+                              "export it; for `ray job submit`: in --runtime-env-json's env_vars, or on the nodes)")
         return storage.absolute(root.rstrip("/"))
 
     def job(self) -> JobConfig:
@@ -180,23 +188,77 @@ class StudyConfig(_Strict):
         augment = {**self.ldm.get("augment", {}), "enabled": factors["augment"]}
         repeats = {} if self.images_per_epoch is None else {
             "epoch_repeats": max(1, round(self.images_per_epoch / factors["train_size"]))}
-        return config.validate(config.LDMTrainConfig, {
-            **self.ldm, **repeats, "train_size": factors["train_size"], "preset": factors["preset"], "augment": augment,
-            "diffusion_epochs": factors["diffusion_epochs"], "dataset": storage.join(root, "datasets", self.study),
-            "out": trial_uri(root, self.study, self.sweep, key), "run_name": key, "experiment": self.study})
+        values = {
+            "keep_checkpoints": SWEEP_KEEP_CHECKPOINTS, **self.ldm, **repeats, "train_size": factors["train_size"],
+            "preset": factors["preset"], "augment": augment, "diffusion_epochs": factors["diffusion_epochs"],
+            "dataset": storage.join(root, "datasets", self.study), "out": trial_uri(root, self.study, self.sweep, key),
+            "run_name": key, "experiment": self.study}
+        cfg = config.validate(config.LDMTrainConfig, values)
+        # The checkpoints a trial audits are kept (they can be sampled again); the rest go as training moves on.
+        return cfg.model_copy(update={"keep_epochs": audit_epochs(cfg.autoencoder_epochs, cfg.diffusion_epochs,
+                                                                  self.audit_every)})
 
     def shared_size(self) -> int | None:
         """The training subset every trial trained on (the smallest nested subset); None when all used all."""
         sizes = self.levels()["train_size"]
         return None if None in sizes else min(sizes)
 
+    def trial_stages(self) -> dict[str, dict[str, float]]:
+        """The Ray resources ({"CPU", "GPU"}) each stage of a trial holds; the stages run one after another."""
+        ldm = config.LDMTrainConfig(dataset="-", out="-", **self.ldm)
+        sample = config.validate(config.SampleConfig, {"run": "-", "out": "-", "n": 1, **self.sample})
+        embed = config.validate(config.EmbedConfig, {"detector": "-", "data": "-", "out": "-", **self.embed})
+
+        def actors(count: int, use_gpu: bool) -> dict[str, float]:  # Ray Data's actors: 1 GPU, else 1 CPU, each
+            return {"CPU": 0.0 if use_gpu else float(count), "GPU": float(count) if use_gpu else 0.0}
+
+        return {"ldm_workers": {"CPU": ldm.num_workers * ldm.cpus_per_worker,
+                                "GPU": float(ldm.num_workers) if ldm.use_gpu else 0.0},
+                "sampling_actors": actors(sample.num_actors, sample.use_gpu),
+                "embedding_actors": actors(embed.num_actors, embed.use_gpu)}
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial holds at its peak: its driver, its largest stage, and a CPU kept for its Ray Data tasks
+        (reads, the Train ingest; DESIGN.md, stack decisions: Train workers on every CPU starve Ray Data)."""
+        stages = self.trial_stages().values()
+        return {"CPU": self.trial_cpus + max(stage["CPU"] for stage in stages) + RAY_DATA_CPUS_PER_TRIAL,
+                "GPU": max(stage["GPU"] for stage in stages)}
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+        """The hash a resumed sweep must match: everything that shapes its results, not how it is scheduled (a rerun
+        on a larger cluster may run more trials at once, or retry crashed ones more often)."""
+        what = self.model_dump(exclude=set(SCHEDULING_FIELDS))
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_study(uri: str, *, sweep: str | None = None) -> StudyConfig:
     """Read and validate a study file (local or s3://); ``sweep`` overrides the file's sweep name."""
     return config.load(StudyConfig, uri, {"sweep": sweep})
+
+
+def trials_at_once(study: StudyConfig, cluster: dict[str, float]) -> tuple[int, str]:
+    """How many trials run together on a cluster offering ``cluster`` (ray.cluster_resources()), and why.
+
+    study.max_concurrent_trials when set; else as many trials as the cluster's CPUs (and GPUs, when trials use them)
+    hold at each trial's peak (StudyConfig.trial_resources), at least 1 (a larger trial waits for the cluster to
+    grow) and at most the grid.
+    """
+    trials = len(study.trials())
+    if study.max_concurrent_trials is not None:
+        return study.max_concurrent_trials, "set by max_concurrent_trials"
+    need = study.trial_resources()
+    fits = [int(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in need.items() if amount > 0]
+    stages = ", ".join(f"{name.replace('_', ' ')} {_resources(held)}" for name, held in study.trial_stages().items())
+    why = (f"cluster: {_resources(cluster, gpu=True)}; each trial holds {_resources(need, gpu=True)} at its peak: "
+           f"driver {study.trial_cpus:g} CPU + its largest stage ({stages}) + {RAY_DATA_CPUS_PER_TRIAL:g} CPU for "
+           f"Ray Data; {trials} trials")
+    return max(1, min(trials, *fits)), why
+
+
+def _resources(held: dict[str, float], gpu: bool = False) -> str:
+    """``"3 CPU"``, ``"3 CPU 1 GPU"``; with ``gpu``, GPUs also when there are none."""
+    cpus, gpus = held.get("CPU", 0.0), held.get("GPU", 0.0)
+    return f"{cpus:g} CPU" + (f" {gpus:g} GPU" if gpus or gpu else "")
 
 
 def trial_key(factors: dict[str, Any]) -> str:
@@ -475,15 +537,21 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
         tracking.log_params(parent, {"quality.fd_reference_split": reference.split,
                                      "quality.fd_reference_size": reference.size})
         context["parent_run_id"] = parent.run_id
+        at_once, why = trials_at_once(study, ray.cluster_resources())
+        print(f"== sweep {study.sweep}: trials at once: {at_once} ({why})", flush=True)
+        tracking.log_params(parent, {"max_concurrent_trials": at_once})
 
         def trial(factors: dict[str, Any]) -> None:
             _run_trial(factors, study, context)
 
         trainable = ray.tune.with_resources(trial, {"CPU": study.trial_cpus})
-        # A rerun starts a fresh Tuner rather than Tuner.restore: restore resumes every interrupted trial at once,
-        # ignoring max_concurrent_trials (their Train workers can then take every CPU and starve Ray Data). The
-        # trials themselves resume: a finished one returns its recorded figures, an unfinished one continues from
-        # its last checkpoint and skips every audit already written.
+        # A rerun starts a fresh Tuner, not Tuner.restore. Measured with Ray 2.58 (a grid of 4, max_concurrent_trials
+        # 1, trial 1 failed, the driver killed during trial 2, restore with resume_errored): restore keeps the trial
+        # ids, but ran trials 1 and 2 together, as only trials it has not created yet wait for the limit, so a rerun
+        # after failures would start every failed trial at once (their Train workers can take every CPU and starve
+        # Ray Data). It also keeps the first run's limit (restore takes no TuneConfig) and writes a second
+        # experiment state file all the same. The trials themselves resume: a finished one returns its recorded
+        # figures, an unfinished one continues from its last checkpoint and skips every audit already written.
         finished = [trial_key(f) for f in study.trials() if storage.exists(
             storage.join(trial_uri(root, study.study, study.sweep, trial_key(f)), TRIAL_DONE))]
         if finished:
@@ -492,7 +560,7 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
         tuner = ray.tune.Tuner(
             trainable,
             param_space={name: ray.tune.grid_search(values) for name, values in levels.items()},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=at_once),
             run_config=ray.tune.RunConfig(name=study.sweep, storage_path=storage.join(root, "sweeps", study.study,
                                                                                       "tune"),
                                           failure_config=ray.tune.FailureConfig(max_failures=study.max_trial_failures)))
