@@ -29,9 +29,10 @@ stages:
   local-cluster     a Ray head, an MLflow server and an S3 endpoint on 127.0.0.1 running the tiny pipeline as a
                     Ray job: try the cluster workflow on a laptop (docs/cluster.md)
 
-Every stage reads and writes URIs: a local path or s3://bucket/prefix (endpoint and credentials from
-AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Ray: joins RAY_ADDRESS when set, else starts
-a local cluster.
+Every stage reads and writes URIs: a local path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL;
+credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the AWS default chain: a credentials file, an
+instance profile). Ray: joins RAY_ADDRESS when set, else starts a local cluster. -v shows Ray's own progress
+bars and logs too.
 """
 
 
@@ -432,7 +433,8 @@ def _absolute_paths(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: main may run more than once in a process (tests); each run logs to the stderr it has now.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if args.verbose:
         logging.getLogger("raymem").setLevel(logging.DEBUG)
         os.environ[runtime.VERBOSE_ENV] = "1"  # Ray's progress bars and INFO logs too (raymem.runtime)

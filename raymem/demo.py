@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[runtime.VERBOSE_ENV] = "1"
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     run(args.out, patients=args.patients or SCALES[args.scale][2], images_per_patient=args.images_per_patient, seed=args.seed,
         scale=args.scale)
     return 0

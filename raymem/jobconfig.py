@@ -317,7 +317,8 @@ def main(stages: tuple[str, ...], argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[runtime.VERBOSE_ENV] = "1"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: main may run more than once in a process (tests); each run logs to the stderr it has now.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         job = load_job(args.config, run_name=args.run_name)
         job.root()

@@ -49,8 +49,8 @@ def access_error(err: OSError, uri: str | None = None, action: str = "access") -
     if (uri is not None and is_s3(uri)) or "AWS Error" in reason:
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
         where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS (AWS_ENDPOINT_URL is unset)"
-        message += f"; check that {where} is reachable and that the credentials (AWS_ACCESS_KEY_ID, " \
-                   "AWS_SECRET_ACCESS_KEY) are valid"
+        message += f"; check that {where} is reachable and that the credentials are valid (AWS_ACCESS_KEY_ID / " \
+                   "AWS_SECRET_ACCESS_KEY, else the AWS default chain: a credentials file, an instance profile)"
     return StorageError(message)
 
 
