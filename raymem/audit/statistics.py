@@ -16,6 +16,10 @@ estimator and its 95 % interval; docs/statistics.md states the assumptions and t
   count as hubs, unlike a threshold that assumes one score distribution for all). Its 95 % interval is Wilson's at the effective size from a jackknife over evaluation patients; the rate is
   measured at most at n_eval - (largest patient) draws and carried up to n_draws by a bound.
 - ``auc_interval``: a stratified percentile bootstrap of the ROC AUC.
+- ``seed_interval``: the mean of one figure over independent seeds (trials that differ only in their seed) with
+  its 95 % Student-t interval; ``factor_effect`` the paired effect of a factor (the figure at its last level
+  minus at its first, seed by seed) with that interval, and ``verdict`` what the interval allows one to say
+  about the paper's direction: "shown", "same direction, not significant" or "not shown".
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import gammaln
-from scipy.stats import norm
+from scipy.stats import norm, t as student_t
 
 CONFIDENCE = 0.95
 Z = float(norm.ppf(0.5 + CONFIDENCE / 2))  # 1.959963984540054
@@ -33,6 +37,10 @@ BOOTSTRAP_DRAWS = 2000
 MIN_EVAL_PATIENTS = 10  # fewer evaluation patients than this: a stated rate gets a warning, not a silent number
 
 WILSON = "Wilson score interval"
+SEED_T = "Student-t interval of the mean over seeds"
+SHOWN = "shown"
+SAME_DIRECTION = "same direction, not significant"
+NOT_SHOWN = "not shown"
 AUC_BOOTSTRAP = f"stratified percentile bootstrap over positives and negatives ({BOOTSTRAP_DRAWS} draws)"
 
 
@@ -197,3 +205,59 @@ def auc_interval(positive_scores: np.ndarray, negative_scores: np.ndarray, auc_f
               for _ in range(BOOTSTRAP_DRAWS)]
     lo, hi = np.percentile(values, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
     return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class SeedMean:
+    """The mean of one figure over n independent seeds with its 95 % Student-t interval [lo, hi] (NaN bounds for
+    fewer than 2 seeds: one seed says nothing about the spread)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    sd: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n_seeds": self.n, "sd": self.sd}
+
+
+def seed_interval(values) -> SeedMean:
+    """Mean and 95 % Student-t interval (n - 1 degrees of freedom) of one figure measured once per seed. Non-finite
+    values are dropped (a seed whose trial failed); no values at all give NaN everywhere."""
+    values = np.asarray([v for v in np.asarray(values, dtype=np.float64).ravel() if np.isfinite(v)])
+    n = len(values)
+    if n == 0:
+        return SeedMean(math.nan, math.nan, math.nan, 0, math.nan)
+    mean = float(values.mean())
+    if n < 2:
+        return SeedMean(mean, math.nan, math.nan, 1, math.nan)
+    sd = float(values.std(ddof=1))
+    half = float(student_t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+    return SeedMean(mean, mean - half, mean + half, n, sd)
+
+
+def factor_effect(first_level, last_level) -> SeedMean:
+    """The paired effect of a factor over seeds: last_level[i] - first_level[i] for every seed i where both were
+    measured (the two arrays are aligned by seed; NaN marks a missing trial), with its 95 % Student-t interval."""
+    first = np.asarray(first_level, dtype=np.float64)
+    last = np.asarray(last_level, dtype=np.float64)
+    if first.shape != last.shape:
+        raise ValueError(f"factor_effect needs one value per seed at both levels; got {first.shape} and {last.shape}")
+    return seed_interval(last - first)
+
+
+def verdict(effect: SeedMean, direction: str) -> str:
+    """What an effect with its interval says about a direction ("up": the figure rises from the first level to the
+    last; "down": it falls). SHOWN: the whole 95 % interval lies strictly on that side of 0. SAME_DIRECTION: the
+    mean does, the interval does not (or there are too few seeds for one). NOT_SHOWN: the mean is 0 or the other way.
+    """
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+    sign = 1.0 if direction == "up" else -1.0
+    if not math.isfinite(effect.mean) or sign * effect.mean <= 0:
+        return NOT_SHOWN
+    nearest_zero = effect.lo if direction == "up" else effect.hi  # the bound on the side of 0
+    if math.isfinite(nearest_zero) and sign * nearest_zero > 0:
+        return SHOWN
+    return SAME_DIRECTION
