@@ -5,10 +5,16 @@ a child run per trial tagged ``raymem.kind=trial`` with ``factor.<name>`` params
 step is the global epoch) and writes into a local folder:
 
 - ``memorization_vs_<factor>.png``: memorization and copies at each trial's last audit against each swept factor
-  with at least two levels, one line per combination of the other factors' levels;
+  with at least two levels, one line per combination of the other factors' levels: the mean over the seeds of
+  that combination with its 95 % interval as a shaded band (``statistics.seed_interval``), or, for a combination
+  run with one seed, the audit's own 95 % interval as error bars where it was logged;
 - ``per_epoch.png``: memorization, copies, Frechet distance (with its real-vs-real baseline) and validation loss
-  against diffusion epochs trained;
+  against diffusion epochs trained, one line per combination, drawn the same way;
+- ``verdicts.json``: each factor's effect over seeds with its 95 % interval and the verdict on the paper's
+  direction (``raymem.audit.verdicts``);
 - ``trials.csv`` and ``index.html`` (self-contained: plots embedded as data URIs, nothing fetched, no scripts).
+
+Trials of one combination are those that differ only in their ``seed`` param (``raymem sweep`` logs it).
 
 MLflow is read through an explicit ``MlflowClient(tracking_uri)``; no global MLflow or matplotlib state is touched
 (figures render on the Agg canvas directly, without pyplot).
@@ -19,7 +25,8 @@ from __future__ import annotations
 import base64
 import csv
 import html
-from collections.abc import Iterable
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from raymem.audit import verdicts as verdicts_core
 from raymem.audit.report import CONTENT_SECURITY_POLICY, html_table
+from raymem.audit.statistics import SeedMean, seed_interval
 
 KIND_TAG = "raymem.kind"
 SWEEP_TAG = "raymem.sweep"
@@ -36,6 +45,7 @@ TRIAL_TAG = "raymem.trial"
 EARLY_STOP_TAG = "raymem.early_stopped_epoch"
 PARENT_TAG = "mlflow.parentRunId"
 FACTOR_PARAM_PREFIX = "factor."
+SEED_PARAM = "seed"
 ARTIFACT_PATH = "dashboard"
 
 MEMORIZED = "memorization.pct_memorized_train"
@@ -46,7 +56,13 @@ FRECHET = "quality.frechet_distance"
 FRECHET_BASELINE = "quality.frechet_distance_real_baseline"
 DIVERSITY = "quality.ms_ssim_diversity"
 VAL_LOSS = "diffusion.val_fixed"
-METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, FRECHET_BASELINE, DIVERSITY, VAL_LOSS)
+# Each audit's own 95 % interval of a headline figure (audit.<figure>_ci_lo / _ci_hi, raymem.audit.images).
+AUDIT_INTERVALS = {metric: (f"audit.{metric.split('.')[-1]}_ci_lo", f"audit.{metric.split('.')[-1]}_ci_hi")
+                   for metric in (MEMORIZED, COPIES)}
+METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, FRECHET_BASELINE, DIVERSITY, VAL_LOSS,
+           *(bound for bounds in AUDIT_INTERVALS.values() for bound in bounds))
+# The metric of each figure the verdicts are given for.
+VERDICT_METRICS = {"pct_memorized_train": MEMORIZED, "pct_copies": COPIES}
 # Figures read at each trial's last audit: the last step at which memorization was logged (audits log it).
 LAST_AUDIT_COLUMNS = (
     (MEMORIZED, "pct_memorized_train", "Memorized training images %", "{:.1f}"),
@@ -76,6 +92,7 @@ FACTOR_PANELS = (
     (COPIES, "copies among synthetic samples (%)"),
 )
 FIGURE_DPI = 100
+BAND_ALPHA = 0.2
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5rem auto; max-width: 90rem; padding: 0 1rem; color: #222; }
@@ -94,6 +111,7 @@ class Trial:
     """One child run of the sweep as the dashboard reads it.
 
     factors: swept factor name -> level as MLflow logged it ("16", "True", "tiny"); absent when not logged.
+    seed: the ``seed`` param, None when not logged.
     histories: metric key -> {global epoch: value}, the latest value where a step was logged twice.
     early_stopped_epoch: the global epoch of the ``raymem.early_stopped_epoch`` tag, None when not stopped early.
     """
@@ -102,6 +120,7 @@ class Trial:
     run_id: str
     status: str
     factors: dict[str, str]
+    seed: int | None
     autoencoder_epochs: int
     early_stopped_epoch: int | None
     histories: dict[str, dict[int, float]]
@@ -125,6 +144,83 @@ class Trial:
         points = sorted(self.histories.get(metric, {}).items())
         return [self.diffusion_epochs_trained(epoch) for epoch, _ in points], [value for _, value in points]
 
+    @property
+    def combination_key(self) -> str:
+        """The key without its seed suffix (``n8-aug0-tiny-e2-s1`` -> ``n8-aug0-tiny-e2``): names the trial's
+        combination of factor levels."""
+        suffix = f"-s{self.seed}"
+        return self.key[:-len(suffix)] if self.seed is not None and self.key.endswith(suffix) else self.key
+
+
+@dataclass(frozen=True)
+class Group:
+    """The trials of one combination of factor levels: they differ only in their seed (one trial without seeds)."""
+
+    label: str
+    trials: tuple[Trial, ...]
+
+    def at_last_audit(self, metric: str) -> SeedMean:
+        """The mean over seeds of each trial's figure at its last audit, with its 95 % interval."""
+        return seed_interval([value for trial in self.trials
+                              if (value := trial.at_last_audit(metric)) is not None])
+
+    def curve(self, metric: str) -> tuple[list[int], list[SeedMean]]:
+        """(diffusion epochs trained, the mean over the seeds logged at that length with its 95 % interval)."""
+        by_epochs: dict[int, list[float]] = {}
+        for trial in self.trials:
+            for epochs, value in zip(*trial.curve(metric)):
+                by_epochs.setdefault(epochs, []).append(value)
+        points = sorted(by_epochs.items())
+        return [epochs for epochs, _ in points], [seed_interval(values) for _, values in points]
+
+    def audit_interval(self, metric: str, epoch: int | None = None) -> tuple[float, float] | None:
+        """The single trial's own 95 % interval of ``metric`` at global epoch ``epoch`` (default: its last audit);
+        None for a group of several seeds (its band is across seeds) or where no interval was logged."""
+        if len(self.trials) != 1 or metric not in AUDIT_INTERVALS:
+            return None
+        trial = self.trials[0]
+        epoch = trial.last_audit_epoch if epoch is None else epoch
+        lo, hi = (trial.histories.get(bound, {}).get(epoch) for bound in AUDIT_INTERVALS[metric])
+        return None if lo is None or hi is None else (lo, hi)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep as the dashboard reads it: its parent run, its trials (sorted by their levels), the swept factors
+    in order and each factor's levels, smallest first."""
+
+    experiment: str
+    name: str
+    parent: object
+    trials: list[Trial]
+    factors: list[str]
+    levels: dict[str, list[str]]
+
+    def groups(self, trials: list[Trial] | None = None) -> list[Group]:
+        """The trials (default: all) grouped by their combination of levels, in the trials' order."""
+        grouped: dict[tuple[str | None, ...], list[Trial]] = {}
+        for trial in self.trials if trials is None else trials:
+            grouped.setdefault(tuple(trial.factors.get(name) for name in self.factors), []).append(trial)
+        return [Group(members[0].combination_key, tuple(members)) for members in grouped.values()]
+
+    def verdicts(self) -> list[dict]:
+        """raymem.audit.verdicts.factor_verdicts over the finished trials that were audited."""
+        runs = []
+        for trial in self.trials:
+            audits = sorted(trial.histories.get(MEMORIZED, {}))
+            if trial.status != "FINISHED" or not audits:
+                continue
+            first, last = audits[0], audits[-1]
+            runs.append(verdicts_core.SeedRun(
+                levels={name: trial.factors[name] for name in self.factors if name in trial.factors},
+                seed=trial.seed,
+                first={figure: trial.histories.get(metric, {}).get(first, math.nan)
+                       for figure, metric in VERDICT_METRICS.items()},
+                last={figure: trial.histories.get(metric, {}).get(last, math.nan)
+                      for figure, metric in VERDICT_METRICS.items()},
+                first_epochs=trial.diffusion_epochs_trained(first), last_epochs=trial.diffusion_epochs_trained(last)))
+        return verdicts_core.factor_verdicts(runs, self.factors, tuple(VERDICT_METRICS))
+
 
 def build_dashboard(experiment: str, out_dir: str, *, tracking_uri: str, sweep: str | None = None,
                     log_to_parent: bool = True) -> dict:
@@ -138,6 +234,45 @@ def build_dashboard(experiment: str, out_dir: str, *, tracking_uri: str, sweep: 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    read = read_sweep(client, experiment, sweep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[tuple[str, str]] = []  # (file name, alt text)
+    for name in read.factors:
+        if len(read.levels[name]) >= 2:
+            file_name = f"memorization_vs_{name}.png"
+            _save_png(_factor_figure(read, name), out / file_name)
+            plots.append((file_name, f"Memorization and copies at each trial's last audit against {name}: the mean "
+                                     "over seeds with its 95 % interval"))
+    _save_png(_per_epoch_figure(read.trials, read.groups()), out / "per_epoch.png")
+    plots.append(("per_epoch.png", "Memorization, copies, Frechet distance (dotted: its real-vs-real baseline) and "
+                                   "validation loss against diffusion epochs trained, one line per combination of "
+                                   "factor levels: the mean over seeds with its 95 % interval"))
+    verdicts = verdicts_core.verdicts_json(read.verdicts())
+    (out / "verdicts.json").write_text(json.dumps(verdicts, indent=2), encoding="utf-8")
+
+    columns = _columns(read.factors)
+    rows = [_row(trial, read.factors) for trial in read.trials]
+    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[key for key, _, _ in columns])
+        writer.writeheader()
+        writer.writerows({key: "" if row[key] is None else row[key] for key, _, _ in columns} for row in rows)
+    page = _render_page(experiment=experiment, sweep=read.name, parent_run_id=read.parent.info.run_id,
+                        tracking_uri=tracking_uri, columns=columns, rows=rows, verdicts=verdicts,
+                        plots=[(file_name, alt, (out / file_name).read_bytes()) for file_name, alt in plots])
+    (out / "index.html").write_text(page, encoding="utf-8")
+
+    files = [str(out / name) for name in ("index.html", "trials.csv", "verdicts.json",
+                                          *(file_name for file_name, _ in plots))]
+    if log_to_parent:
+        for path in files:
+            client.log_artifact(read.parent.info.run_id, path, ARTIFACT_PATH)
+    return {"out": out_dir, "files": files, "parent_run_id": read.parent.info.run_id, "trials": len(read.trials),
+            "verdicts": verdicts}
+
+
+def read_sweep(client, experiment: str, sweep: str | None) -> Sweep:
+    """The named sweep (None: the experiment's most recently started one) with its trial runs."""
     exp_id, parent = _parent_run(client, experiment, sweep)
     sweep_name = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
     children = _search_all(
@@ -147,37 +282,10 @@ def build_dashboard(experiment: str, out_dir: str, *, tracking_uri: str, sweep: 
                          "dashboard once its trials have started")
     trials = [_read_trial(client, run) for run in children]
     factors = _factor_names(parent.data.params, trials)
-    levels = {name: _ordered_levels(trial.factors.get(name) for trial in trials) for name in factors}
-    trials.sort(key=lambda trial: (_level_ranks(trial, factors, levels), trial.key))
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots: list[tuple[str, str]] = []  # (file name, alt text)
-    for name in factors:
-        if len(levels[name]) >= 2:
-            file_name = f"memorization_vs_{name}.png"
-            _save_png(_factor_figure(trials, name, factors, levels), out / file_name)
-            plots.append((file_name, f"Memorization and copies at each trial's last audit against {name}"))
-    _save_png(_per_epoch_figure(trials), out / "per_epoch.png")
-    plots.append(("per_epoch.png", "Memorization, copies, Frechet distance (dotted: its real-vs-real baseline) and "
-                                   "validation loss against diffusion epochs trained, one line per trial"))
-
-    columns = _columns(factors)
-    rows = [_row(trial, factors) for trial in trials]
-    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[key for key, _, _ in columns])
-        writer.writeheader()
-        writer.writerows({key: "" if row[key] is None else row[key] for key, _, _ in columns} for row in rows)
-    page = _render_page(experiment=experiment, sweep=sweep_name, parent_run_id=parent.info.run_id,
-                        tracking_uri=tracking_uri, columns=columns, rows=rows,
-                        plots=[(file_name, alt, (out / file_name).read_bytes()) for file_name, alt in plots])
-    (out / "index.html").write_text(page, encoding="utf-8")
-
-    files = [str(out / name) for name in ("index.html", "trials.csv", *(file_name for file_name, _ in plots))]
-    if log_to_parent:
-        for path in files:
-            client.log_artifact(parent.info.run_id, path, ARTIFACT_PATH)
-    return {"out": out_dir, "files": files, "parent_run_id": parent.info.run_id, "trials": len(trials)}
+    levels = {name: verdicts_core.ordered_levels(name, (trial.factors.get(name) for trial in trials))
+              for name in factors}
+    trials.sort(key=lambda trial: (_level_ranks(trial, factors, levels), trial.seed or 0, trial.key))
+    return Sweep(experiment, sweep_name, parent, trials, factors, levels)
 
 
 def _parent_run(client, experiment: str, sweep: str | None):
@@ -228,6 +336,7 @@ def _read_trial(client, run) -> Trial:
         key=key, run_id=run.info.run_id, status=run.info.status,
         factors={name[len(FACTOR_PARAM_PREFIX):]: value for name, value in params.items()
                  if name.startswith(FACTOR_PARAM_PREFIX)},
+        seed=int(params[SEED_PARAM]) if params.get(SEED_PARAM) not in (None, "") else None,
         autoencoder_epochs=int(params["autoencoder_epochs"]),
         early_stopped_epoch=int(early_stop) if early_stop not in (None, "") else None,
         histories=histories,
@@ -239,15 +348,6 @@ def _factor_names(parent_params: dict[str, str], trials: list[Trial]) -> list[st
     if parent_params.get("factors"):
         return [name.strip() for name in parent_params["factors"].split(",") if name.strip()]
     return sorted({name for trial in trials for name in trial.factors})
-
-
-def _ordered_levels(values: Iterable[str | None]) -> list[str]:
-    """The distinct logged levels: in numeric order when all parse as numbers, else sorted as strings."""
-    distinct = {value for value in values if value is not None}
-    try:
-        return sorted(distinct, key=float)
-    except ValueError:
-        return sorted(distinct)
 
 
 def _level_ranks(trial: Trial, factors: list[str], levels: dict[str, list[str]]) -> tuple[int, ...]:
@@ -271,29 +371,49 @@ def _outside_legend(figure: Figure, handles: list[Line2D], title: str) -> None:
                   ncols=1 if len(handles) <= 20 else 2)
 
 
-def _factor_figure(trials: list[Trial], factor: str, factors: list[str], levels: dict[str, list[str]]) -> Figure:
+def _draw_with_interval(ax, xs: list[float], means: list[SeedMean], colour, *,
+                        single: list[tuple[float, float] | None] | None = None, **line) -> None:
+    """A line through the means; a shaded band between their 95 % bounds where two or more seeds were measured; and
+    where one was (``single``: that trial's own interval at each point, or None), error bars from it."""
+    ax.plot(xs, [mean.mean for mean in means], color=colour, **line)
+    if any(mean.n >= 2 for mean in means):
+        ax.fill_between(xs, [mean.lo for mean in means], [mean.hi for mean in means], color=colour,
+                        alpha=BAND_ALPHA, linewidth=0)
+    bars = [(x, mean.mean, bounds) for x, mean, bounds in zip(xs, means, single or [None] * len(xs))
+            if bounds is not None]
+    if bars:
+        ax.errorbar([x for x, _, _ in bars], [y for _, y, _ in bars],
+                    yerr=[[y - lo for _, y, (lo, _) in bars], [hi - y for _, y, (_, hi) in bars]],
+                    fmt="none", ecolor=colour, capsize=3, linewidth=1)
+
+
+def _factor_figure(sweep: Sweep, factor: str) -> Figure:
     """Two panels (memorized %, copies %) against ``factor``'s levels (evenly spaced, in order), one line per
-    combination of the other factors' levels; each point is one trial's figure at its last audit."""
-    others = [name for name in factors if name != factor]
-    audited = [trial for trial in trials if trial.last_audit_epoch is not None and factor in trial.factors
+    combination of the other factors' levels; each point is the mean over seeds of the trials' figure at their last
+    audit, with its 95 % band (several seeds) or the audit's own interval as error bars (one seed)."""
+    others = [name for name in sweep.factors if name != factor]
+    audited = [trial for trial in sweep.trials if trial.last_audit_epoch is not None and factor in trial.factors
                and all(name in trial.factors for name in others)]
-    lines: dict[tuple[str, ...], list[Trial]] = {}
-    for trial in audited:
-        lines.setdefault(tuple(trial.factors[name] for name in others), []).append(trial)
-    order = sorted(lines, key=lambda combo: tuple(levels[name].index(level) for name, level in zip(others, combo)))
+    lines: dict[tuple[str, ...], list[Group]] = {}
+    for group in sweep.groups(audited):
+        lines.setdefault(tuple(group.trials[0].factors[name] for name in others), []).append(group)
+    order = sorted(lines, key=lambda combo: tuple(sweep.levels[name].index(level)
+                                                  for name, level in zip(others, combo)))
     colours = _colours(len(order))
-    position = {level: index for index, level in enumerate(levels[factor])}
+    position = {level: index for index, level in enumerate(sweep.levels[factor])}
 
     figure = Figure(figsize=(11, 4.5), dpi=FIGURE_DPI, layout="constrained")
-    figure.suptitle(f"Memorization against {factor} (each trial at its last audit)")
+    figure.suptitle(f"Memorization against {factor} (each trial at its last audit; band: 95 % interval over seeds)")
     axes = figure.subplots(1, len(FACTOR_PANELS))
     for ax, (metric, y_label) in zip(axes, FACTOR_PANELS):
         for combo, colour in zip(order, colours):
-            points = sorted((position[trial.factors[factor]], trial.at_last_audit(metric)) for trial in lines[combo]
-                            if trial.at_last_audit(metric) is not None)
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colour)
-        ax.set_xticks(range(len(levels[factor])), levels[factor])
-        ax.set_xlim(-0.3, len(levels[factor]) - 0.7)
+            points = sorted((position[group.trials[0].factors[factor]], group.at_last_audit(metric),
+                             group.audit_interval(metric)) for group in lines[combo]
+                            if group.at_last_audit(metric).n > 0)
+            _draw_with_interval(ax, [x for x, _, _ in points], [mean for _, mean, _ in points], colour,
+                                single=[bounds for _, _, bounds in points], marker="o")
+        ax.set_xticks(range(len(sweep.levels[factor])), sweep.levels[factor])
+        ax.set_xlim(-0.3, len(sweep.levels[factor]) - 0.7)
         ax.set_xlabel(factor)
         ax.set_ylabel(y_label)
         ax.set_ylim(bottom=0)  # percentages: a flat 0 % line sits on the axis, not mid-plot
@@ -305,25 +425,33 @@ def _factor_figure(trials: list[Trial], factor: str, factors: list[str], levels:
     return figure
 
 
-def _per_epoch_figure(trials: list[Trial]) -> Figure:
-    """A 2 x 2 grid of ``PER_EPOCH_PANELS`` against diffusion epochs trained, one line per trial; a dashed vertical
-    line in the trial's colour marks an early stop."""
-    colours = _colours(len(trials))
+def _per_epoch_figure(trials: list[Trial], groups: list[Group] | None = None) -> Figure:
+    """A 2 x 2 grid of ``PER_EPOCH_PANELS`` against diffusion epochs trained, one line per group of trials (default:
+    one per trial), the mean over its seeds with a 95 % band, or, for one seed, the audit's own interval as error
+    bars; a dashed vertical line in the group's colour marks each early stop."""
+    groups = groups if groups is not None else [Group(trial.key, (trial,)) for trial in trials]
+    colours = _colours(len(groups))
     figure = Figure(figsize=(13, 8), dpi=FIGURE_DPI, layout="constrained")
-    figure.suptitle("Per-epoch figures of every trial")
+    figure.suptitle("Per-epoch figures of every combination of factor levels (band: 95 % interval over seeds)")
     axes = figure.subplots(2, 2, sharex=True).ravel()
     for ax, (metric, title, y_label) in zip(axes, PER_EPOCH_PANELS):
         baseline = PER_EPOCH_BASELINES.get(metric)
-        for trial, colour in zip(trials, colours):
-            epochs, values = trial.curve(metric)
-            ax.plot(epochs, values, color=colour, marker="o" if metric != VAL_LOSS else None, markersize=4)
+        for group, colour in zip(groups, colours):
+            epochs, means = group.curve(metric)
+            single = None
+            if len(group.trials) == 1:
+                trial = group.trials[0]
+                single = [group.audit_interval(metric, epoch) for epoch in sorted(trial.histories.get(metric, {}))]
+            _draw_with_interval(ax, epochs, means, colour, single=single,
+                                marker="o" if metric != VAL_LOSS else None, markersize=4)
             if baseline is not None:
-                epochs, values = trial.curve(baseline[0])
-                ax.plot(epochs, values, color=colour, linestyle=":", marker="x", markersize=4,
-                        label=f"{trial.key}: {baseline[1]}")
-            if trial.early_stopped_epoch is not None:
-                ax.axvline(trial.diffusion_epochs_trained(trial.early_stopped_epoch), color=colour, linestyle="--",
-                           linewidth=1)
+                epochs, means = group.curve(baseline[0])
+                ax.plot(epochs, [mean.mean for mean in means], color=colour, linestyle=":", marker="x",
+                        markersize=4, label=f"{group.label}: {baseline[1]}")
+            for trial in group.trials:
+                if trial.early_stopped_epoch is not None:
+                    ax.axvline(trial.diffusion_epochs_trained(trial.early_stopped_epoch), color=colour,
+                               linestyle="--", linewidth=1)
         if baseline is not None:
             ax.legend(handles=[Line2D([], [], color="0.3", marker="o", markersize=4, label="synthetic samples"),
                                Line2D([], [], color="0.3", linestyle=":", marker="x", markersize=4, label=baseline[1])],
@@ -335,16 +463,22 @@ def _per_epoch_figure(trials: list[Trial]) -> Figure:
         ax.grid(alpha=0.3)
     for ax in axes[2:]:
         ax.set_xlabel("diffusion epochs trained")
-    _outside_legend(figure, [Line2D([], [], color=colour, label=_legend_label(trial))
-                             for trial, colour in zip(trials, colours)], "trial (dashed: early stop)")
+    _outside_legend(figure, [Line2D([], [], color=colour, label=_legend_label(group))
+                             for group, colour in zip(groups, colours)], "trials (dashed: early stop)")
     return figure
 
 
-def _legend_label(trial: Trial) -> str:
-    notes = [] if trial.status == "FINISHED" else [trial.status]
-    if trial.early_stopped_epoch is not None:
-        notes.append(f"stopped at {trial.diffusion_epochs_trained(trial.early_stopped_epoch)}")
-    return f"{trial.key} ({', '.join(notes)})" if notes else trial.key
+def _legend_label(group: Group) -> str:
+    trials = group.trials
+    notes = [f"{len(trials)} seeds"] if len(trials) > 1 else []
+    unfinished = [trial.status for trial in trials if trial.status != "FINISHED"]
+    if unfinished:
+        notes.append(unfinished[0] if len(trials) == 1 else f"{len(unfinished)} not finished")
+    stops = [trial.diffusion_epochs_trained(trial.early_stopped_epoch) for trial in trials
+             if trial.early_stopped_epoch is not None]
+    if stops:
+        notes.append(f"stopped at {', '.join(map(str, stops))}")
+    return f"{group.label} ({', '.join(notes)})" if notes else group.label
 
 
 def _save_png(figure: Figure, path: Path) -> None:
@@ -356,6 +490,7 @@ def _columns(factors: list[str]) -> list[tuple[str, str, str | None]]:
     return [
         ("trial", "Trial", None),
         *((f"{FACTOR_PARAM_PREFIX}{name}", name, None) for name in factors),
+        (SEED_PARAM, "Seed", None),
         ("status", "Status", None),
         ("last_audit_diffusion_epochs", "Diffusion epochs at last audit", "{:d}"),
         *((column, header, number_format) for _, column, header, number_format in LAST_AUDIT_COLUMNS),
@@ -370,6 +505,7 @@ def _row(trial: Trial, factors: list[str]) -> dict:
     return {
         "trial": trial.key,
         **{f"{FACTOR_PARAM_PREFIX}{name}": trial.factors.get(name) for name in factors},
+        SEED_PARAM: trial.seed,
         "status": trial.status,
         "last_audit_diffusion_epochs": None if last_audit is None else trial.diffusion_epochs_trained(last_audit),
         **{column: trial.at_last_audit(metric) for metric, column, _, _ in LAST_AUDIT_COLUMNS},
@@ -380,9 +516,10 @@ def _row(trial: Trial, factors: list[str]) -> dict:
 
 
 def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_uri: str,
-                 columns: list[tuple[str, str, str | None]], rows: list[dict],
+                 columns: list[tuple[str, str, str | None]], rows: list[dict], verdicts: list[dict],
                  plots: list[tuple[str, str, bytes]]) -> str:
-    """index.html: title, trials table, the plots as data URIs, and how to compare the runs in the MLflow UI."""
+    """index.html: title, verdicts and trials tables, the plots as data URIs, and how to compare the runs in the
+    MLflow UI."""
     title = f"raymem sweep {sweep} ({experiment})"
     number_columns = {index for index, (_, _, number_format) in enumerate(columns) if number_format}
     cells = [[_cell(row[key], number_format) for key, _, number_format in columns] for row in rows]
@@ -403,6 +540,13 @@ def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_ur
         "Frechet distances are to one held-out reference shared by every trial; with few samples the distance is "
         "mostly the estimator's bias, so read each beside its real baseline (a real sample as large as the "
         "synthetic set, against the same reference). Rows of trials that did not finish are highlighted.</p>",
+        "<h2>Verdicts on the paper's directions</h2>",
+        "<p>Each factor's effect on a figure is its value at the factor's last level minus at its first, seed by seed "
+        "with the other factors fixed (training length: each trial's last audit minus its first), in percentage "
+        "points; the mean over seeds with its 95 % Student-t interval. <em>shown</em>: the whole interval lies on "
+        "the paper's side of 0; <em>same direction, not significant</em>: the mean does, the interval does not (or "
+        "one seed gives no interval); <em>not shown</em>: the mean is 0 or the other way.</p>",
+        _verdict_table(verdicts),
         f"<h2>Trials ({len(rows)})</h2>",
         table,
         "<h2>Plots</h2>",
@@ -421,6 +565,22 @@ def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_ur
         f"<title>{_escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(sections)
         + "\n</body>\n</html>\n"
     )
+
+
+DIRECTION_WORDS = {"down": "falls", "up": "rises"}
+
+
+def _verdict_table(verdicts: list[dict]) -> str:
+    """One row per factor, combination of the other factors and figure (verdicts.json's entries)."""
+    headers = ["Factor", "Figure", "Paper: the figure", "Other factors", "From", "To", "Effect (points)",
+               "95 % interval", "Seeds", "Verdict"]
+    rows = [[_escape(entry["factor"]), _escape(entry["figure"]), _escape(DIRECTION_WORDS[entry["direction"]]),
+             _escape(", ".join(f"{name}={level}" for name, level in entry["at"].items()) or "–"),
+             _escape(entry["from"]), _escape(entry["to"]), _cell(entry["mean"], "{:+.1f}"),
+             "–" if entry["lo"] is None else _escape(f"[{entry['lo']:+.1f}, {entry['hi']:+.1f}]"),
+             _cell(entry["n_seeds"], "{:d}"), _escape(entry["verdict"])] for entry in verdicts]
+    return html_table(headers, rows, table_id="verdicts", number_columns={6, 7, 8},
+                      empty_text="No factor has two levels measured at both ends yet.")
 
 
 def _cell(value, number_format: str | None) -> str:

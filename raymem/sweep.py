@@ -1,7 +1,8 @@
 """Memorization factor sweeps: Ray Tune over training-set size, augmentation, model size and training length.
 
     study (once; shared by every sweep of the study): data -> copy detector -> train/val embeddings
-    sweep: tune.Tuner(trial) over the factor grid, a parent MLflow run; each trial (a child run):
+    sweep: tune.Tuner(trial) over the factor grid times the study's seeds, a parent MLflow run; each trial (a child
+    run, its seed a param), the same for every seed but its LDM initialisation, data order and sampling noise:
         train the LDM in segments of ``audit_every`` diffusion epochs (one TorchTrainer per segment, each resuming
         from the last checkpoint, TuneReportCallback forwarding its reports), and after each segment audit that
         checkpoint: sample as many images as the trial trained on -> embed them with the study's detector -> exact
@@ -9,7 +10,14 @@
         trial shares, Frechet distance in the detector's space against the study's fixed held-out reference (beside
         a real sample of the same size against it: the small-sample floor), MS-SSIM diversity, validation loss.
         Optional early stop when % copies passes a budget or rises for P audits in a row.
-    after the trials: dashboards from MLflow, logged to the parent run.
+    after the trials: dashboards from MLflow, logged to the parent run, and the verdicts on the paper's directions
+    (raymem.audit.verdicts: each factor's effect over seeds with its 95 % interval) in the summary and as parent
+    run metrics.
+
+What every trial of a study shares, so that trials differ only by their factors and seed: the detector, the val
+split (the calibration null, so tau differs only through the trial's own training subset), the test split (the
+evaluation set; without one the val split's patient halves, drawn with audit.seed), the Frechet reference, and, for
+one training-set size, the training subset (ldm.subset_seed, not the trial's seed).
 
 Layout under storage_root: the study's datasets/<study>, detector/<study>/detector.pt and embeddings/<study> (the
 job layout of raymem.jobconfig, run_name = study), then sweeps/<study>/tune/<sweep> (Ray Tune's state) and
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FACTORS = ("train_size", "augment", "preset", "diffusion_epochs")
+SEED = "seed"  # the trial's seed: a Tune grid axis beside the factors, and an MLflow param of each child run
 TRIAL_DONE = "trial.json"
 FIGURES = "figures.json"
 _DERIVED_LDM_FIELDS = ("dataset", "out", "run_name", "experiment", "keep_epochs")
@@ -110,14 +119,23 @@ class StudyConfig(_Strict):
     embed: dict[str, Any] = Field(default_factory=dict, description="EmbedConfig values (batch size, actors, GPU)")
     ldm: dict[str, Any] = Field(default_factory=dict, description="LDMTrainConfig values shared by every trial")
     factors: Factors = Field(description="the grid: a list of levels per factor")
+    seeds: list[int] | None = Field(
+        default=None,
+        description="every factor combination runs once per seed (a Tune grid axis); the seed sets the trial's "
+                    "ldm.seed (initial weights, data order, augmentation and noise draws) and sample.seed (sampling "
+                    "noise), nothing else: the training subset (ldm.subset_seed), the val/test split, the detector and "
+                    "the Frechet reference are the study's. None: one trial per combination, with ldm.seed and "
+                    "sample.seed as set (trial keys without a seed)")
     audit_every: int = Field(default=10, ge=1, description="diffusion epochs between audited checkpoints")
     images_per_epoch: int | None = Field(
         default=None, ge=1,
         description="an epoch of every trial sees about this many images (each trial's epoch_repeats = "
                     "images_per_epoch / train_size), so trials of every size take the same optimisation steps per "
                     "epoch; None: an epoch is one pass, as in the paper, and larger subsets train more steps")
-    sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n defaults to the "
-                                                                    "trial's training images (the paper's rule)")
+    sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig values; n: samples per audit, at "
+                                                                    "least every trial's training-set size (fewer is "
+                                                                    "an error); absent: each trial's training images "
+                                                                    "(the paper's rule)")
     fd_reference_size: int | None = Field(
         default=None, ge=2,
         description="rows of the fixed reference every trial's Frechet distance is measured against: a subset drawn "
@@ -148,6 +166,15 @@ class StudyConfig(_Strict):
             raise ValueError("audit.plant_copies: not used in sweeps (each trial is audited on its own samples)")
         for clash in sorted(set(self.sample) & {"run", "out", "epoch"}):
             raise ValueError(f"sample.{clash}: set by the sweep for each audited checkpoint; remove it")
+        if self.seeds is not None:
+            if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds: needs distinct seeds, got {self.seeds}")
+            for section, values in (("ldm", self.ldm), ("sample", self.sample)):
+                if "seed" in values:
+                    raise ValueError(f"{section}.seed: set from each trial's seed (the seeds field); remove it")
+        sizes = [size for size in self.levels()["train_size"] if size is not None]
+        if sizes and self.sample.get("n") is not None:
+            self.samples_per_audit(max(sizes))
         self.job()
         for factors in self.trials():
             self.ldm_config(factors, root="/validation")
@@ -176,12 +203,32 @@ class StudyConfig(_Strict):
                  "diffusion_epochs": defaults.diffusion_epochs}
         return {name: getattr(self.factors, name) or [fixed[name]] for name in FACTORS}
 
+    def param_space(self) -> dict[str, list[Any]]:
+        """Tune's grid axes: every factor's levels, and the seeds when the study has them."""
+        return {**self.levels(), **({} if self.seeds is None else {SEED: self.seeds})}
+
     def trials(self) -> list[dict[str, Any]]:
-        """The grid's factor combinations, in Tune's grid order."""
+        """Every trial's factor levels (and seed, when the study has seeds): the grid of ``param_space``."""
         grid = [{}]
-        for name, levels in self.levels().items():
+        for name, levels in self.param_space().items():
             grid = [{**point, name: level} for point in grid for level in levels]
         return grid
+
+    def samples_per_audit(self, n_train: int) -> int:
+        """Samples each audit of a trial trained on ``n_train`` images generates: sample.n, else n_train (the
+        paper's rule, n_synthetic >= n_train, so memorized shares can reach 100 %); never fewer than n_train."""
+        n = self.sample.get("n")
+        if n is None:
+            return n_train
+        if n < n_train:
+            raise ConfigError(f"sample.n: {n} samples per audit is fewer than a trial's {n_train} training images; "
+                              "each audit samples at least as many images as its trial trained on (the paper's "
+                              "rule): raise sample.n, or remove it to sample each trial's training-set size")
+        return n
+
+    def seeded(self, factors: dict[str, Any]) -> dict[str, int]:
+        """{"seed": the trial's seed} for the ldm and sample sections; empty for a study without seeds."""
+        return {} if SEED not in factors else {"seed": factors[SEED]}
 
     def ldm_config(self, factors: dict[str, Any], root: str) -> config.LDMTrainConfig:
         key = trial_key(factors)
@@ -189,10 +236,10 @@ class StudyConfig(_Strict):
         repeats = {} if self.images_per_epoch is None else {
             "epoch_repeats": max(1, round(self.images_per_epoch / factors["train_size"]))}
         values = {
-            "keep_checkpoints": SWEEP_KEEP_CHECKPOINTS, **self.ldm, **repeats, "train_size": factors["train_size"],
-            "preset": factors["preset"], "augment": augment, "diffusion_epochs": factors["diffusion_epochs"],
-            "dataset": storage.join(root, "datasets", self.study), "out": trial_uri(root, self.study, self.sweep, key),
-            "run_name": key, "experiment": self.study}
+            "keep_checkpoints": SWEEP_KEEP_CHECKPOINTS, **self.ldm, **repeats, **self.seeded(factors),
+            "train_size": factors["train_size"], "preset": factors["preset"], "augment": augment,
+            "diffusion_epochs": factors["diffusion_epochs"], "dataset": storage.join(root, "datasets", self.study),
+            "out": trial_uri(root, self.study, self.sweep, key), "run_name": key, "experiment": self.study}
         cfg = config.validate(config.LDMTrainConfig, values)
         # The checkpoints a trial audits are kept (they can be sampled again); the rest go as training moves on.
         return cfg.model_copy(update={"keep_epochs": audit_epochs(cfg.autoencoder_epochs, cfg.diffusion_epochs,
@@ -228,6 +275,8 @@ class StudyConfig(_Strict):
         """The hash a resumed sweep must match: everything that shapes its results, not how it is scheduled (a rerun
         on a larger cluster may run more trials at once, or retry crashed ones more often)."""
         what = self.model_dump(exclude=set(SCHEDULING_FIELDS))
+        if self.seeds is None:  # a study without seeds keeps the hash it had before seeds existed, and resumes
+            del what["seeds"]
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -262,9 +311,11 @@ def _resources(held: dict[str, float], gpu: bool = False) -> str:
 
 
 def trial_key(factors: dict[str, Any]) -> str:
-    """A trial's stable name, e.g. ``n16-aug0-tiny-e40`` (``nall`` for the whole training split)."""
+    """A trial's stable name, e.g. ``n16-aug0-tiny-e40`` (``nall`` for the whole training split), with ``-s<seed>``
+    when the study has seeds (``n16-aug0-tiny-e40-s2``)."""
     size = "all" if factors["train_size"] is None else factors["train_size"]
-    return f"n{size}-aug{int(factors['augment'])}-{factors['preset']}-e{factors['diffusion_epochs']}"
+    key = f"n{size}-aug{int(factors['augment'])}-{factors['preset']}-e{factors['diffusion_epochs']}"
+    return key if SEED not in factors else f"{key}-s{factors[SEED]}"
 
 
 def sweep_uri(root: str, study: str, sweep: str) -> str:
@@ -338,11 +389,23 @@ class _Trial:
         return nested_subset(all_ids, self.cfg.train_size, self.cfg.subset_seed)
 
     def n_synthetic(self, training_ids: list[str] | None) -> int:
-        """Samples per audit: sample.n, else as many as the trial trained on (the paper's rule)."""
+        """Samples per audit: sample.n, else as many as the trial trained on; never fewer (the paper's rule)."""
         from raymem.data import shards
 
-        return self.study.sample.get("n") or len(training_ids or []) or \
+        n_train = len(training_ids) if training_ids is not None else \
             shards.read_manifest(self.cfg.dataset)["splits"]["train"]["images"]
+        return self.study.samples_per_audit(n_train)
+
+    def audit_inputs(self) -> dict[str, Any]:
+        """run_audit's arguments but the synthetic samples: the trial's own training subset, and what every trial
+        of the study shares: the val split (the calibration null), the test split (the evaluation set; None without
+        one: the val split's patient halves, drawn with audit.seed) and the audit settings. The trial's seed is
+        not among them, so tau differs between trials only through their training subsets."""
+        audit = self.study.audit
+        test = storage.join(self.paths["embeddings"], "test")
+        return {"train_uri": self.train_embeddings, "val_uri": storage.join(self.paths["embeddings"], "val"),
+                "test_uri": test if storage.exists(test) else None, "percentile": audit.percentile,
+                "top_k": audit.top_k, "calibration": audit.calibration, "seed": audit.seed}
 
     def frechet_reference(self, training_ids: list[str] | None) -> tuple[FrechetReference, np.ndarray, str]:
         """The study's fixed Frechet reference, and this trial's real-vs-real baseline sample (as many rows as each
@@ -375,18 +438,16 @@ class _Trial:
         if not storage.exists(storage.join(synthetic, shards.MANIFEST)):
             storage.delete(synthetic)
             sample_run(config.validate(config.SampleConfig, {
-                **self.study.sample, "n": self.n_synthetic(training_ids), "run": run_uri(self.cfg), "epoch": epoch,
-                "out": synthetic}))
+                **self.study.sample, **self.study.seeded(self.factors), "n": self.n_synthetic(training_ids),
+                "run": run_uri(self.cfg), "epoch": epoch, "out": synthetic}))
         embeddings = storage.join(folder, "embeddings")
         storage.delete(embeddings)
         embed_dataset(config.validate(config.EmbedConfig, {
             **self.study.embed, "detector": self.paths["detector"], "data": synthetic, "out": embeddings,
             "splits": ("train",)}))
         audit = self.study.audit
-        result = run_audit(self.train_embeddings, storage.join(self.paths["embeddings"], "val"),
-                           storage.join(embeddings, "train"), percentile=audit.percentile, top_k=audit.top_k,
-                           calibration=audit.calibration, seed=audit.seed, distributed=audit.distributed,
-                           progress=False)
+        result = run_audit(**self.audit_inputs(), synthetic_uri=storage.join(embeddings, "train"),
+                           distributed=audit.distributed, progress=False)
         out = storage.join(folder, "audit")
         write_outputs(result, out)
         write_report(storage.join(out, "report.html"),
@@ -439,7 +500,8 @@ def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, A
     with tracking.run(study.study, run_key, uri=context["tracking_uri"], parent_run_id=context["parent_run_id"],
                       tags=tags) as tracked:
         tracking.log_params(tracked, {
-            **{f"factor.{name}": factors[name] for name in FACTORS}, "config_hash": context["config_hash"],
+            **{f"factor.{name}": factors[name] for name in FACTORS}, SEED: trial.cfg.seed,
+            "config_hash": context["config_hash"],
             "autoencoder_epochs": trial.cfg.autoencoder_epochs, "audit_every": study.audit_every,
             **{f"ldm.{name}": value for name, value in trial.cfg.model_dump().items()
                if name not in ("fail_at_epoch", *_DERIVED_LDM_FIELDS)}})
@@ -504,8 +566,8 @@ def _check_same_study(study: StudyConfig, root: str) -> None:
 def run_sweep(study: StudyConfig) -> dict[str, Any]:
     """Prepare the study's shared stages, run (or resume) the sweep's trials, build the dashboard.
 
-    Returns {"parent_run_id", "trials": [{trial, status, final figures, early_stop}], "failed": [keys],
-    "dashboard": folder URI}.
+    Returns {"parent_run_id", "trials": [{trial, seed, status, final figures, early_stop}], "failed": [keys],
+    "dashboard": folder URI, "verdicts": [raymem.audit.verdicts entries]}.
     """
     import ray.tune
 
@@ -517,6 +579,10 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
         print(f"== study {study.study}: {stage}", flush=True)
         run_stage(job, stage)
     _check_same_study(study, root)
+    if None in study.levels()["train_size"]:  # a trial on the whole split: its size is known once the data is
+        from raymem.data import shards
+
+        study.samples_per_audit(shards.read_manifest(job.paths(root)["dataset"])["splits"]["train"]["images"])
     uri = study.tracking_uri or (tracking.tracking_uri() if storage.is_s3(root) or os.environ.get(
         "MLFLOW_TRACKING_URI") else tracking.tracking_uri(root))
     artifacts = storage.join(root, "mlartifacts")
@@ -531,6 +597,7 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
         tracking.log_params(parent, {
             "factors": ",".join(study.factors.swept()), "config_hash": context["config_hash"],
             "audit_every": study.audit_every, "trials": len(study.trials()),
+            **({} if study.seeds is None else {"seeds": ",".join(map(str, study.seeds))}),
             **{f"levels.{name}": ",".join(map(str, values)) for name, values in levels.items()},
             **{f"early_stop.{name}": value for name, value in study.early_stop.model_dump().items()}})
         reference = _fd_reference(study, job.paths(root)["embeddings"])
@@ -559,14 +626,15 @@ def run_sweep(study: StudyConfig) -> dict[str, Any]:
                   f"finished ({', '.join(finished)})", flush=True)
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={name: ray.tune.grid_search(values) for name, values in levels.items()},
+            param_space={name: ray.tune.grid_search(values) for name, values in study.param_space().items()},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=at_once),
             run_config=ray.tune.RunConfig(name=study.sweep, storage_path=storage.join(root, "sweeps", study.study,
                                                                                       "tune"),
                                           failure_config=ray.tune.FailureConfig(max_failures=study.max_trial_failures)))
         results = tuner.fit()
         summary = _summarise(study, root, results, parent)
-        summary["dashboard"] = _dashboard(study, root, uri)
+        summary["dashboard"], summary["verdicts"] = _dashboard(study, root, uri)
+        tracking.log_metrics(parent, verdict_metrics(summary["verdicts"]))
         if summary["failed"]:
             # The parent run ends FAILED too: the sweep is incomplete until its failed trials are rerun.
             raise SweepIncomplete(summary)
@@ -598,14 +666,33 @@ def _summarise(study: StudyConfig, root: str, results, parent: tracking.TrackedR
             trials.append({"trial": key, "status": "FAILED", "error": str(result.error)[:500]})
             continue
         record = json.loads(storage.read_bytes(done_uri))
-        trials.append({"trial": key, "status": "FINISHED", "early_stop": record["early_stop"],
+        trials.append({"trial": key, SEED: result.config.get(SEED), "status": "FINISHED",
+                       "early_stop": record["early_stop"],
                        **{name: record["final"][f"memorization/{name}"]
                           for name in ("pct_memorized_train", "pct_copies", "pct_memorized_shared")}})
     return {"parent_run_id": parent.run_id, "trials": trials, "failed": failed}
 
 
-def _dashboard(study: StudyConfig, root: str, uri: str) -> str:
-    """Build the dashboard from MLflow (also logged to the parent run); written under the sweep's folder."""
+def verdict_metrics(verdicts: list[dict[str, Any]]) -> dict[str, float]:
+    """Parent run metrics of the verdicts: verdict/<factor>/<figure>/<other factors>/{effect_mean, effect_lo,
+    effect_hi, n_seeds, shown} (shown: 1 for "shown", 0.5 for "same direction, not significant", 0 for "not shown";
+    other factors as name-level joined by "_", "all" when there are none); bounds only where they exist."""
+    from raymem.audit.statistics import NOT_SHOWN, SAME_DIRECTION, SHOWN
+
+    scores = {SHOWN: 1.0, SAME_DIRECTION: 0.5, NOT_SHOWN: 0.0}
+    figures = {}
+    for entry in verdicts:
+        at = "_".join(f"{name}-{level}" for name, level in entry["at"].items()) or "all"
+        prefix = f"verdict/{entry['factor']}/{entry['figure']}/{at}"
+        values = {"effect_mean": entry["mean"], "effect_lo": entry["lo"], "effect_hi": entry["hi"],
+                  "n_seeds": entry["n_seeds"], "shown": scores[entry["verdict"]]}
+        figures.update({f"{prefix}/{name}": value for name, value in values.items() if value is not None})
+    return figures
+
+
+def _dashboard(study: StudyConfig, root: str, uri: str) -> tuple[str, list[dict[str, Any]]]:
+    """Build the dashboard from MLflow (also logged to the parent run); written under the sweep's folder. Returns
+    its folder and the verdicts."""
     from raymem.dashboard import build_dashboard
 
     target = storage.join(sweep_uri(root, study.study, study.sweep), "dashboard")
@@ -615,7 +702,7 @@ def _dashboard(study: StudyConfig, root: str, uri: str) -> str:
         if storage.is_s3(target):
             for path in built["files"]:
                 storage.write_bytes(storage.join(target, Path(path).name), Path(path).read_bytes())
-    return target
+    return target, built["verdicts"]
 
 
 def sweep_command(config_uri: str, sweep: str | None, out) -> int:

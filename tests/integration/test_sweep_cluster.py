@@ -48,7 +48,7 @@ def sweep(cluster_address, mlflow_server, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     study = yaml.safe_load(CONFIG.read_text())
-    study.update(sweep="cluster", factors={"train_size": [8, 16]})
+    study.update(sweep="cluster", factors={"train_size": [8, 16]}, seeds=[0])
     study["ldm"].update(diffusion_epochs=1)  # audit_every 1: one audit per trial
     config = tmp_path_factory.mktemp("study") / "study.yaml"
     config.write_text(yaml.safe_dump(study))

@@ -1,9 +1,10 @@
-"""`raymem sweep` end to end: a tiny 2 sizes x 2 augmentation grid on phantoms, audited at 2 epochs per trial.
+"""`raymem sweep` end to end: a tiny 2 sizes x 2 seeds grid on phantoms, audited at 2 epochs per trial.
 
 Real parts only: each sweep driver starts a real local Ray cluster, logs to a real `mlflow server` on 127.0.0.1,
 and is a real process. The first driver is killed (SIGKILL, with its Ray processes) once a trial has finished;
-the rerun must resume without redoing that trial. A second sweep of the same study injects a crash to show a
-failed trial's MLflow run ends FAILED.
+the rerun must resume without redoing that trial (one seed of its combination) and run the rest, the other seed of
+that combination included. A second sweep of the same study injects a crash to show a failed trial's MLflow run
+ends FAILED.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "study-tiny-xray2d.yaml"
 STUDY, SWEEP = "raymem-tiny-study", "tiny"
-TRIALS = {"n8-aug0-tiny-e2", "n8-aug1-tiny-e2", "n16-aug0-tiny-e2", "n16-aug1-tiny-e2"}
+SEEDS = (0, 1)
+TRIALS = {f"n{n}-aug0-tiny-e2-s{seed}" for n in (8, 16) for seed in SEEDS}
 AUDITED_EPOCHS = [1, 2]  # 1 autoencoder epoch (0), then diffusion epochs 1 and 2, audit_every 1
 
 
@@ -99,11 +101,19 @@ def test_a_trial_finished_before_the_kill_is_not_redone(resumed_sweep):
     assert resumed_sweep["after"] == resumed_sweep["before"], resumed_sweep["first_finished"]
 
 
+def test_the_rerun_skips_the_seed_finished_before_the_kill_and_runs_every_other(resumed_sweep):
+    done = resumed_sweep["first_finished"].name
+    resumed = next((line for line in resumed_sweep["second"].stdout.splitlines() if "resuming" in line), "")
+    finished = {path.parent.name for path in resumed_sweep["first_finished"].parent.glob("*/trial.json")}
+    assert (done in resumed, finished) == (True, TRIALS), resumed_sweep["second"].stdout[-3000:]
+
+
 def test_one_parent_run_with_a_finished_child_run_per_trial(resumed_sweep, study_env):
     _, parents, children = _runs(study_env["mlflow"], SWEEP)
-    assert (len(parents), parents[0].info.status, {run.data.tags["raymem.trial"]: (
-        run.info.status, run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id) for run in children}) == (
-        1, "FINISHED", {trial: ("FINISHED", True) for trial in TRIALS})
+    assert (len(parents), parents[0].info.status, sorted((run.data.tags["raymem.trial"], run.info.status,
+                                                          run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id)
+                                                         for run in children)) == (
+        1, "FINISHED", sorted((trial, "FINISHED", True) for trial in TRIALS))
 
 
 PER_AUDIT_METRICS = ("memorization.pct_copies", "memorization.pct_memorized_shared", "quality.frechet_distance",
@@ -117,11 +127,11 @@ def test_child_runs_hold_factors_and_per_epoch_figures(resumed_sweep, study_env)
     for run in children:
         steps = {metric: sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
                  for metric in PER_AUDIT_METRICS}
-        seen[run.data.tags["raymem.trial"]] = (run.data.params["factor.train_size"],
-                                               run.data.params["factor.augment"], steps)
+        seen[run.data.tags["raymem.trial"]] = (run.data.params["factor.train_size"], run.data.params["seed"],
+                                               run.data.params["ldm.seed"], steps)
     expected_steps = dict.fromkeys(PER_AUDIT_METRICS, AUDITED_EPOCHS)
-    assert seen == {f"n{n}-aug{int(a)}-tiny-e2": (str(n), str(a), expected_steps)
-                    for n in (8, 16) for a in (False, True)}
+    assert seen == {f"n{n}-aug0-tiny-e2-s{seed}": (str(n), str(seed), str(seed), expected_steps)
+                    for n in (8, 16) for seed in SEEDS}
 
 
 def test_every_trial_scores_frechet_distance_against_the_studys_one_reference_beside_a_baseline_of_its_size(
@@ -134,8 +144,8 @@ def test_every_trial_scores_frechet_distance_against_the_studys_one_reference_be
         run.data.metrics["quality.fd_reference_size"], run.data.params["quality.fd_real_baseline_source"],
         run.data.metrics["quality.fd_real_baseline_size"]) for run in children}
     parent = (parents[0].data.params["quality.fd_reference_split"], parents[0].data.params["quality.fd_reference_size"])
-    assert (parent, seen) == (("val", "8"), {f"n{n}-aug{a}-tiny-e2": ("val", "8", 8.0, "train", float(n))
-                                            for n in (8, 16) for a in (0, 1)})
+    assert (parent, seen) == (("val", "8"), {f"n{n}-aug0-tiny-e2-s{seed}": ("val", "8", 8.0, "train", float(n))
+                                            for n in (8, 16) for seed in SEEDS})
 
 
 def test_dashboard_plots_are_logged_to_the_parent_run(resumed_sweep, study_env):
@@ -147,13 +157,20 @@ def test_dashboard_plots_are_logged_to_the_parent_run(resumed_sweep, study_env):
     plot = client.download_artifacts(parent_id, "dashboard/memorization_vs_train_size.png",
                                      str(study_env["logs"]))
     width, height = Image.open(io.BytesIO(Path(plot).read_bytes())).size
-    assert {"index.html", "per_epoch.png", "memorization_vs_train_size.png", "memorization_vs_augment.png",
+    assert {"index.html", "per_epoch.png", "memorization_vs_train_size.png", "verdicts.json",
             "trials.csv"} <= names and width > 400 and height > 200
+
+
+def test_the_parent_run_holds_the_training_size_verdicts_over_both_seeds(resumed_sweep, study_env):
+    _, parents, _ = _runs(study_env["mlflow"], SWEEP)
+    metrics = parents[0].data.metrics
+    assert {name: metrics.get(f"verdict.train_size.{name}.all.n_seeds")
+            for name in ("pct_memorized_train", "pct_copies")} == {"pct_memorized_train": 2.0, "pct_copies": 2.0}
 
 
 def test_a_crashed_trial_ends_failed_and_the_sweep_says_so(resumed_sweep, study_env, tmp_path):
     study = yaml.safe_load(CONFIG.read_text())
-    study.update(sweep="crash", factors={"train_size": [8]})
+    study.update(sweep="crash", factors={"train_size": [8]}, seeds=[0])
     study["ldm"].update(fail_at_epoch=1, max_failures=0)  # a worker dies in the first diffusion epoch
     config = tmp_path / "crash.yaml"
     config.write_text(yaml.safe_dump(study))

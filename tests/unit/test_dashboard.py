@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
+import math
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,7 +15,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from raymem.dashboard import FRECHET, FRECHET_BASELINE, Trial, _per_epoch_figure, build_dashboard
+from raymem.audit.statistics import SAME_DIRECTION
+from raymem.dashboard import (COPIES, FRECHET, FRECHET_BASELINE, MEMORIZED, Trial, _factor_figure, _per_epoch_figure,
+                              build_dashboard, read_sweep)
 
 EXPERIMENT = "phantom-study"
 SWEEP = "grid"
@@ -49,7 +53,9 @@ def _log_trial(client: MlflowClient, exp_id: str, parent_id: str, key: str, spec
                     Metric("memorization.pct_memorized_shared", memorized + 2.0, stamp, epoch),
                     Metric("quality.frechet_distance", 100.0 / epoch, stamp, epoch),
                     Metric("quality.frechet_distance_real_baseline", 10.0 / int(factors["train_size"]), stamp, epoch),
-                    Metric("quality.ms_ssim_diversity", 0.5, stamp, epoch)]
+                    Metric("quality.ms_ssim_diversity", 0.5, stamp, epoch),
+                    Metric("audit.pct_memorized_train_ci_lo", memorized - 5.0, stamp, epoch),
+                    Metric("audit.pct_memorized_train_ci_hi", memorized + 7.5, stamp, epoch)]
     client.log_batch(run_id, metrics=metrics, params=[Param(name, value) for name, value in params.items()])
     client.set_terminated(run_id, status=status)
 
@@ -135,7 +141,7 @@ def test_trials_csv_holds_each_trials_frechet_distance_beside_its_real_baseline(
 
 
 def test_per_epoch_plot_draws_each_trials_frechet_baseline_dotted_in_its_panel_with_a_legend():
-    trial = Trial(key="n8-aug0-tiny", run_id="run", status="FINISHED", factors={"train_size": "8"},
+    trial = Trial(key="n8-aug0-tiny", run_id="run", status="FINISHED", factors={"train_size": "8"}, seed=None,
                   autoencoder_epochs=1, early_stopped_epoch=None,
                   histories={FRECHET: {1: 1.4, 2: 1.1}, FRECHET_BASELINE: {1: 1.2, 2: 1.2}})
 
@@ -162,3 +168,145 @@ def test_the_dashboard_is_logged_to_the_parent_run(store, dashboard):
 def test_a_missing_sweep_is_an_error_naming_it_and_the_sweeps_found(store, tmp_path):
     with pytest.raises(ValueError, match=r"'no-such-sweep'.*\['grid', 'older'\]"):
         build_dashboard(EXPERIMENT, str(tmp_path), tracking_uri=store["uri"], sweep="no-such-sweep")
+
+
+def _bands(ax) -> list[dict[float, tuple[float, float]]]:
+    """Each shaded band (fill_between's PolyCollection) drawn on ``ax``, as x -> (lo, hi)."""
+    from matplotlib.collections import PolyCollection
+
+    bands = []
+    for band in (c for c in ax.collections if isinstance(c, PolyCollection)):
+        bounds: dict[float, list[float]] = {}
+        for path in band.get_paths():
+            for x, y in path.vertices:
+                bounds.setdefault(round(float(x), 6), []).append(float(y))
+        bands.append({x: (min(ys), max(ys)) for x, ys in sorted(bounds.items())})
+    return bands
+
+
+def _error_bars(ax) -> list[tuple[float, float, float]]:
+    """(x, lo, hi) of every vertical error bar (errorbar's LineCollections) drawn on ``ax``, sorted."""
+    from matplotlib.collections import LineCollection
+
+    return sorted((float(segment[0][0]), float(min(segment[:, 1])), float(max(segment[:, 1])))
+                  for bars in ax.collections if isinstance(bars, LineCollection) for segment in bars.get_segments())
+
+
+def test_a_single_seed_study_shows_each_audits_own_interval_as_error_bars_not_bands(store):
+    # Against augment (x 0: False, 1: True), each trial at its last audit with the interval logged with it
+    # (memorized - 5, memorized + 7.5): at 16 images 62.5 and 35 %, at 128 images 30 and 5 %.
+    memorized_panel = _factor_figure(read_sweep(store["client"], EXPERIMENT, SWEEP), "augment").axes[0]
+
+    assert (_error_bars(memorized_panel), _bands(memorized_panel)) == (
+        [(0.0, 25.0, 37.5), (0.0, 57.5, 70.0), (1.0, 0.0, 12.5), (1.0, 30.0, 42.5)], [])
+
+
+SEEDED_EXPERIMENT, SEEDED_SWEEP = "seeded-study", "seeds"
+T_975_1DF = 12.706204736174696  # Student-t 97.5 % quantile, 1 degree of freedom: the interval over 2 seeds
+# (train_size, seed) -> {global epoch: (% memorized, % copies)}; audits after 2 and 4 diffusion epochs.
+SEEDED_TRIALS = {
+    ("8", 0): {3: (50.0, 20.0), 5: (80.0, 40.0)},
+    ("8", 1): {3: (40.0, 10.0), 5: (60.0, 30.0)},
+    ("16", 0): {3: (20.0, 5.0), 5: (40.0, 10.0)},
+    ("16", 1): {3: (10.0, 5.0), 5: (30.0, 20.0)},
+}
+
+
+@pytest.fixture(scope="module")
+def seeded_store(store, tmp_path_factory):
+    """A sweep of 2 training-set sizes x 2 seeds, logged as `raymem sweep` logs one (seed as a param), in its own
+    experiment of the same store (a second sqlite store would cost its schema migrations again)."""
+    root, uri, client = tmp_path_factory.mktemp("seeded"), store["uri"], store["client"]
+    exp_id = client.create_experiment(SEEDED_EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    parent_id = client.create_run(exp_id, run_name=f"sweep/{SEEDED_SWEEP}",
+                                  tags={"raymem.kind": "sweep", "raymem.sweep": SEEDED_SWEEP}).info.run_id
+    client.log_param(parent_id, "factors", "train_size")
+    for (size, seed), audits in SEEDED_TRIALS.items():
+        key = f"n{size}-aug0-tiny-e4-s{seed}"
+        run_id = client.create_run(exp_id, run_name=key, tags={
+            "mlflow.parentRunId": parent_id, "raymem.kind": "trial", "raymem.sweep": SEEDED_SWEEP,
+            "raymem.trial": key}).info.run_id
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(name, value, stamp, epoch) for epoch, (memorized, copies) in audits.items()
+                   for name, value in ((MEMORIZED, memorized), (COPIES, copies))]
+        params = {"factor.train_size": size, "factor.augment": "False", "factor.preset": "tiny",
+                  "factor.diffusion_epochs": "4", "seed": str(seed), "autoencoder_epochs": str(AUTOENCODER_EPOCHS)}
+        client.log_batch(run_id, metrics=metrics, params=[Param(name, value) for name, value in params.items()])
+        client.set_terminated(run_id, status="FINISHED")
+    return {"uri": uri, "client": client, "root": root, "parent_id": parent_id}
+
+
+@pytest.fixture(scope="module")
+def seeded_dashboard(seeded_store):
+    return build_dashboard(SEEDED_EXPERIMENT, str(seeded_store["root"] / "dashboard"),
+                           tracking_uri=seeded_store["uri"])
+
+
+def test_factor_plot_shades_the_95_percent_interval_over_seeds(seeded_store):
+    # Memorized at the last audit: 80 and 60 % at 8 images (mean 70, sd 14.1), 40 and 30 % at 16 (mean 35, sd 7.1);
+    # the t interval's half-width is t * sd / sqrt(2) = 10 t and 5 t.
+    memorized_panel = _factor_figure(read_sweep(seeded_store["client"], SEEDED_EXPERIMENT, None), "train_size").axes[0]
+
+    assert _bands(memorized_panel) == [{0.0: pytest.approx((70 - 10 * T_975_1DF, 70 + 10 * T_975_1DF)),
+                                        1.0: pytest.approx((35 - 5 * T_975_1DF, 35 + 5 * T_975_1DF))}]
+
+
+def test_per_epoch_curves_show_the_mean_over_seeds_with_its_band(seeded_store):
+    # Copies after 2 and 4 diffusion epochs: at 8 images 20 and 10 %, then 40 and 30 % (sd 7.1 both times); at 16
+    # images 5 and 5 % (no spread: a band of width 0), then 10 and 20 %.
+    sweep = read_sweep(seeded_store["client"], SEEDED_EXPERIMENT, None)
+    copies_panel = next(ax for ax in _per_epoch_figure(sweep.trials, sweep.groups()).axes
+                        if ax.get_title().startswith("Copies"))
+    half = 5 * T_975_1DF
+
+    assert ([list(line.get_ydata()) for line in copies_panel.get_lines()], _bands(copies_panel)) == (
+        [[15.0, 35.0], [5.0, 15.0]],
+        [{2.0: pytest.approx((15 - half, 15 + half)), 4.0: pytest.approx((35 - half, 35 + half))},
+         {2.0: pytest.approx((5.0, 5.0)), 4.0: pytest.approx((15 - half, 15 + half))}])
+
+
+class TableRows(HTMLParser):
+    """The body rows (cell texts) of the table with ``table_id``."""
+
+    def __init__(self, page: str, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.in_cell, self.rows = table_id, False, False, []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.inside = dict(attrs).get("id") == self.table_id
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag == "td":
+            self.rows[-1].append("")
+            self.in_cell = True
+
+    def handle_endtag(self, tag):
+        self.inside = self.inside and tag != "table"
+        self.in_cell = self.in_cell and tag != "td"
+
+    def handle_data(self, data):
+        if self.in_cell:
+            self.rows[-1][-1] += data
+
+
+def test_the_page_holds_each_factors_verdict_with_its_effect_and_interval(seeded_dashboard):
+    # Memorized from 8 to 16 images, paired by seed: seed 0 40 - 80 = -40, seed 1 30 - 60 = -30: mean -35, sd 7.07,
+    # half-width 5 t = 63.5: the interval reaches above 0.
+    page = (Path(seeded_dashboard["out"]) / "index.html").read_text(encoding="utf-8")
+    rows = [row for row in TableRows(page, "verdicts").rows if row[:2] == ["train_size", "pct_memorized_train"]]
+
+    assert rows == [["train_size", "pct_memorized_train", "falls", "–", "8", "16", "-35.0",
+                     f"[{-35 - 5 * T_975_1DF:+.1f}, {-35 + 5 * T_975_1DF:+.1f}]", "2", SAME_DIRECTION]]
+
+
+def test_the_verdicts_are_written_as_json_and_logged_to_the_parent_run(seeded_store, seeded_dashboard):
+    logged = seeded_store["client"].download_artifacts(seeded_store["parent_id"], "dashboard/verdicts.json",
+                                                       str(seeded_store["root"]))
+    training_length = [entry for entry in json.loads(Path(logged).read_text())
+                       if entry["factor"] == "training_length" and entry["figure"] == "pct_copies"]
+    # Copies from 2 to 4 diffusion epochs: at 8 images +20 and +20 (no spread), at 16 images +5 and +15.
+    assert [(entry["at"]["train_size"], entry["from"], entry["to"], entry["mean"], entry["n_seeds"],
+             math.isclose(entry["lo"], entry["hi"])) for entry in training_length] == [
+        ("8", "2", "4", 20.0, 2, True), ("16", "2", "4", 10.0, 2, False)]

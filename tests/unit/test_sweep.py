@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+import numpy as np
+
+from raymem.audit.simulation import write_embeddings
 from raymem.config import ConfigError, validate
-from raymem.sweep import StudyConfig, audit_epochs, trial_key, trials_at_once
+from raymem.sweep import StudyConfig, _Trial, audit_epochs, trial_key, trials_at_once, verdict_metrics
 
 BASE = {"study": "s", "storage_root": "/tmp/raymem-unit", "data": {"phantoms": {"kind": "xray2d"}},
         "ldm": {"autoencoder_epochs": 3, "diffusion_epochs": 10}, "factors": {"train_size": [8, 16]}}
@@ -57,6 +60,10 @@ def test_a_trial_keeps_its_audited_checkpoints_and_the_latest_only():
     ({"ldm": {"batch_size": 0}}, "batch_size"),
     ({"audit_every": 0}, "audit_every"),
     ({"images_per_epoch": 64, "ldm": {"epoch_repeats": 2}}, "ldm.epoch_repeats"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"seeds": [0, 1], "ldm": {**BASE["ldm"], "seed": 3}}, "ldm.seed"),
+    ({"seeds": [0, 1], "sample": {"seed": 3}}, "sample.seed"),
+    ({"sample": {"n": 12}}, "sample.n"),  # fewer samples than the 16-image trial trained on
 ])
 def test_bad_study_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -102,3 +109,83 @@ def test_gpu_trials_at_once_are_bounded_by_the_clusters_gpus():
 
 def test_an_explicit_max_concurrent_trials_wins_over_the_cluster():
     assert trials_at_once(small_trials(max_concurrent_trials=3), {"CPU": 3.0}) == (3, "set by max_concurrent_trials")
+
+
+def test_every_combination_runs_once_per_seed_and_the_seed_names_the_trial():
+    grid = study(seeds=[0, 1, 2]).trials()
+    assert sorted(trial_key(t) for t in grid) == sorted(f"n{n}-aug0-tiny-e10-s{seed}" for n in (8, 16)
+                                                        for seed in (0, 1, 2))
+
+
+def test_a_study_without_seeds_keeps_its_trial_keys_and_config_hash():
+    # The hash of BASE before seeds existed: a sweep started then must resume unchanged.
+    assert ([trial_key(t) for t in study().trials()], study().digest()) == (
+        ["n8-aug0-tiny-e10", "n16-aug0-tiny-e10"], "89e587e61a7d")
+
+
+def test_seeds_change_the_config_hash():
+    assert study(seeds=[0, 1]).digest() != study(seeds=[0, 1, 2]).digest() != study().digest()
+
+
+def test_the_trials_seed_drives_the_ldm_and_the_sampling_but_not_the_training_subset():
+    planned = study(seeds=[0, 7], ldm={**BASE["ldm"], "subset_seed": 5})
+    configs = {(t["train_size"], t["seed"]): (planned.ldm_config(t, "/r"), planned.seeded(t))
+               for t in planned.trials()}
+    assert {key: (cfg.seed, cfg.subset_seed, sample) for key, (cfg, sample) in configs.items()} == {
+        (n, seed): (seed, 5, {"seed": seed}) for n in (8, 16) for seed in (0, 7)}
+
+
+def test_a_study_without_seeds_keeps_the_ldm_and_sample_sections_seeds():
+    planned = study(ldm={**BASE["ldm"], "seed": 3}, sample={"seed": 4})
+    assert [(planned.ldm_config(t, "/r").seed, planned.seeded(t)) for t in planned.trials()] == [(3, {}), (3, {})]
+
+
+def test_each_audit_samples_the_trials_training_set_size_unless_sample_n_is_larger():
+    assert (study().samples_per_audit(16), study(sample={"n": 40}).samples_per_audit(16)) == (16, 40)
+
+
+def test_a_sample_n_below_a_trials_training_set_is_an_error_not_a_smaller_audit():
+    # A trial on the whole training split learns its size only at run time; the same rule applies then.
+    with pytest.raises(ConfigError, match=r"sample\.n: 32 samples per audit is fewer than a trial's 40 training"):
+        study(factors={"augment": [False, True]}, sample={"n": 32}).samples_per_audit(40)
+
+
+@pytest.fixture
+def study_embeddings(tmp_path):
+    """The study's embeddings as the embed stage leaves them: train (40 images), val and test (12 each), 2 a patient."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "embeddings" / "s"
+    for split, rows in (("train", 40), ("val", 12), ("test", 12)):
+        (folder / split).mkdir(parents=True)
+        write_embeddings(folder / split / "part-00000.parquet", rng.normal(size=(rows, 8)), f"{split}-",
+                         np.repeat(np.arange(rows // 2), 2).astype(str).astype(object) + f"-{split}")
+    return str(tmp_path)
+
+
+def seeded_trials(root: str) -> list[_Trial]:
+    """Every trial of a 2 sizes x 3 seeds study."""
+    planned = study(seeds=[0, 1, 2], fd_reference_size=8)
+    return [_Trial(planned, factors, {"root": root}) for factors in planned.trials()]
+
+
+def test_every_trial_is_calibrated_and_evaluated_on_the_studys_one_val_and_test_split(study_embeddings):
+    shared = [{name: value for name, value in trial.audit_inputs().items() if name != "train_uri"}
+              for trial in seeded_trials(study_embeddings)]
+    assert shared == [{"val_uri": f"{study_embeddings}/embeddings/s/val",
+                       "test_uri": f"{study_embeddings}/embeddings/s/test", "percentile": 95.0, "top_k": 5,
+                       "calibration": "paper", "seed": 0}] * 6
+
+
+def test_every_trial_measures_frechet_distance_against_the_studys_one_reference(study_embeddings):
+    references = {trial.frechet_reference([f"train-{i}" for i in range(trial.cfg.train_size)])[0].sample_ids
+                  for trial in seeded_trials(study_embeddings)}
+    assert len(references) == 1 and len(next(iter(references))) == 8
+
+
+def test_verdicts_become_parent_run_metrics_with_the_other_factors_in_their_names():
+    entry = {"factor": "train_size", "figure": "pct_copies", "direction": "down", "at": {"augment": "False"},
+             "from": "8", "to": "16", "mean": -20.0, "lo": None, "hi": None, "n_seeds": 1, "sd": None,
+             "verdict": "same direction, not significant"}
+    assert verdict_metrics([entry]) == {"verdict/train_size/pct_copies/augment-False/effect_mean": -20.0,
+                                        "verdict/train_size/pct_copies/augment-False/n_seeds": 1,
+                                        "verdict/train_size/pct_copies/augment-False/shown": 0.5}
