@@ -107,8 +107,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--variant-timeout", type=float, default=30, help="seconds one variant may take, compile and check included (default 30)"
     )
+    parser.add_argument(
+        "--tilings", nargs="+", default=(), metavar="ROWSxCOLSxDEPTH:WARPS:STAGES[:GROUPS]",
+        help="more fused tf32x3 and ieee tilings to try in the second pass, e.g. 64x64x32:4:3 128x256x32:8:3:16",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
+
+
+def parse_tiling(gpu, text: str):
+    """'128x64x32:8:3' or '128x64x32:8:3:16' -> gpu.TritonTiling (block rows, cols, depth, warps, stages, groups)."""
+    try:
+        blocks, *rest = text.split(":")
+        rows, cols, depth = (int(part) for part in blocks.split("x"))
+        warps, stages, *groups = (int(part) for part in rest)
+        return gpu.TritonTiling(rows, cols, depth, num_warps=warps, num_stages=stages,
+                                column_groups=groups[0] if groups else None)
+    except ValueError as error:
+        raise SystemExit(f"--tilings {text!r}: give ROWSxCOLSxDEPTH:WARPS:STAGES[:GROUPS], e.g. 64x64x32:4:3 ({error})")
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,7 +236,7 @@ def tiling_label(tiling) -> str:
     return f"{tiling.block_rows}x{tiling.block_cols}x{tiling.block_depth} w{tiling.num_warps} s{tiling.num_stages}{groups}"
 
 
-def variants(gpu, quick: bool, triton_available: bool) -> list[Variant]:
+def variants(gpu, quick: bool, triton_available: bool, tilings: tuple[str, ...] = ()) -> list[Variant]:
     """Every variant, in the order they run within a pass; first_pass marks those measured for every d first."""
     listed = [
         Variant("mm fp32", "baseline", "ieee", True, mm_baseline("ieee")),
@@ -229,11 +245,11 @@ def variants(gpu, quick: bool, triton_available: bool) -> list[Variant]:
         Variant("naive mm+topk", "exact fp32, ties unordered", "ieee", True, naive_topk),
     ]
     if triton_available:
-        listed += triton_variants(gpu, quick)
+        listed += triton_variants(gpu, quick, [parse_tiling(gpu, text) for text in tilings])
     return listed + [Variant("torch", "exact fp32", "ieee", False, library_variant(gpu, method="torch"))]
 
 
-def triton_variants(gpu, quick: bool) -> list[Variant]:
+def triton_variants(gpu, quick: bool, more_tilings: list = ()) -> list[Variant]:
     """Each fused precision's default tiling (first pass, best-known first), then mm_reduce and the extra tilings."""
     tiling = gpu.TritonTiling
     if quick:
@@ -255,6 +271,8 @@ def triton_variants(gpu, quick: bool) -> list[Variant]:
                 tiling(64, 128, 16, num_warps=4, num_stages=3),
             ],
         }
+    for key in (("fused", "tf32x3"), ("fused", "ieee")):
+        extra_tilings[key] = list(extra_tilings[key]) + [t for t in more_tilings if key[1] == "tf32x3" or t.block_depth == 16]
     exactness = {"ieee": "exact fp32", "tf32x3": "fp32-level (3xTF32)", "tf32": "approx, fp32 re-scored", "bf16": "approx, fp32 re-scored"}
     first, extra = [], []
     for method, precision in [("fused", "tf32x3"), ("fused", "ieee"), ("fused", "tf32"), ("fused", "bf16"), ("mm_reduce", "ieee")]:
@@ -347,7 +365,7 @@ def worker_main(connection, settings: dict) -> None:
     device = torch.device(settings["device"])
     from raymem.search import gpu
 
-    listed = {v.name: v for v in variants(gpu, settings["quick"], gpu.triton_runs_on(device))}
+    listed = {v.name: v for v in variants(gpu, settings["quick"], gpu.triton_runs_on(device), settings["tilings"])}
     connection.send(
         {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -478,9 +496,10 @@ def main() -> None:
     from raymem.search import gpu
 
     n = args.n or (192 if args.quick else 65536)
-    settings = {"quick": args.quick, "device": args.device, "n": n, "m": args.m or n, "k": args.k}
+    settings = {"quick": args.quick, "device": args.device, "n": n, "m": args.m or n, "k": args.k,
+                "tilings": tuple(args.tilings)}
     dims = args.dims or ([32, 72] if args.quick else [32, 128, 512])
-    listed = variants(gpu, args.quick, gpu.triton_runs_on(device))
+    listed = variants(gpu, args.quick, gpu.triton_runs_on(device), tuple(args.tilings))
     if args.only:
         listed = [v for v in listed if any(word in v.name for word in args.only)]
     worker = Worker(settings)

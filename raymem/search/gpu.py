@@ -115,11 +115,13 @@ class TritonTiling:
 # The fastest that compiled on an H200 with Triton 3.6 (benchmarks/gpu_search.py). The FMA dot
 # (ieee) holds a whole depth step of both operands in registers, hence its short steps.
 # "mm_reduce" reads scores from memory, so its block_depth is unused.
-# Fastest measured on an H200 (Triton 3.6, n = m = 65,536, k = 5; docs/benchmarks.md): tf32x3 128x128x32 reached
-# 45.7 / 88.7 / 112.5 % of fp32 torch.mm at d = 32 / 128 / 512, exact ieee 64x128x16 reached 45.2 / 48.0 / 39.8 %.
+# Fastest measured on an H200 (Triton 3.6, n = m = 65,536, k = 5; docs/benchmarks.md, 2026-12-04): tf32x3
+# 64x128x32 with one warpgroup reached 83.0 / 119.7 / 126.3 % of fp32 torch.mm at d = 32 / 128 / 512 (128x128x32
+# with 8 warps, the default before: 46.6 / 89.9 / 113.7 % in the same run); exact ieee 64x128x16 reached
+# 45.2 / 48.0 / 39.8 % (2026-11).
 DEFAULT_TILINGS = {
     ("fused", "ieee"): TritonTiling(64, 128, 16, num_warps=4, num_stages=3),
-    ("fused", "tf32x3"): TritonTiling(128, 128, 32, num_warps=8, num_stages=3),
+    ("fused", "tf32x3"): TritonTiling(64, 128, 32, num_warps=4, num_stages=3),
     ("fused", "tf32"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("fused", "bf16"): TritonTiling(128, 64, 32, num_warps=8, num_stages=3),
     ("mm_reduce", "ieee"): TritonTiling(64, 128, 16, num_warps=4, num_stages=2),
