@@ -15,6 +15,8 @@ Variants of one training step (autoencoder: L1 + KL; diffusion: encode a fresh b
 - ``fast xN``: ``fast`` at N times the batch (these networks leave the card waiting on kernel launches).
 - ``graphed xN`` (diffusion only): ``fast xN`` with the UNet's forward and backward captured as CUDA graphs
   (``torch.cuda.make_graphed_callables``), replayed each step.
+- ``raymem cuda_graphs`` (xN): raymem's steps through ``raymem.models.ldm.GraphedModule``, as raymem/train/ldm.py
+  runs them with ``cuda_graphs: true``; checked first against the eager steps from the same weights and noise.
 
 Sampling: 50 DDIM steps, ``plain`` in float32 at the training batch, raymem's ``sample_images`` (bf16) at that batch
 and at 8x. Paper presets: raymem's step time, its FLOPs (torch.utils.flop_counter: convolutions and matrix products,
@@ -159,6 +161,15 @@ class Steps:
         loss.backward()
         self.unet_optimizer.step()
 
+    def raymem_graphed(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        """raymem's autoencoder_step and diffusion_step through core.GraphedModule (``cuda_graphs: true``)."""
+        autoencoder = core.GraphedModule(self.model.autoencoder, self.bf16)
+        unet = core.GraphedModule(self.model.unet, self.bf16)
+        return (lambda: core.autoencoder_step(autoencoder, self.ae_optimizer, self.images, kl_weight=KL_WEIGHT,
+                                              autocast_bf16=self.bf16),
+                lambda: core.diffusion_step(unet, self.unet_optimizer, self.scheduler,
+                                            self.model.encode(self.images), self.generator, self.bf16))
+
     def graphed_diffusion(self) -> Callable[[], None]:
         """fast_diffusion with the UNet's forward and backward replayed from CUDA graphs."""
         self.model.unet.train()
@@ -232,6 +243,44 @@ def time_variants(name: str, preset: str, shape: tuple[int, ...], batch: int, de
         if factor > 1 and device.type == "cuda":
             measure("diffusion", f"graphed x{factor}", batch * factor, fast.graphed_diffusion, batch * factor)
         del fast
+    if device.type == "cuda":
+        for factor in (1, LARGER_BATCH):
+            graphed = Steps(preset, shape, batch * factor, device, fast=False)
+            steps = graphed.raymem_graphed()
+            label = "raymem cuda_graphs" + ("" if factor == 1 else f" x{factor}")
+            measure("autoencoder", label, batch * factor, lambda: steps[0], batch * factor)
+            measure("diffusion", label, batch * factor, lambda: steps[1], batch * factor)
+            del graphed
+
+
+def graphed_matches_eager(preset: str, shape: tuple[int, ...], batch: int, device: torch.device,
+                          n_steps: int = 8) -> dict[str, Any]:
+    """The same steps, eager and through core.GraphedModule, from the same weights, data and noise: losses per step
+    and the largest parameter difference after n_steps of each stage (bf16 autocast on both)."""
+    runs = []
+    for graphed in (False, True):
+        steps = Steps(preset, shape, batch, device, fast=False)
+        autoencoder, unet = steps.model.autoencoder, steps.model.unet
+        if graphed:
+            autoencoder = core.GraphedModule(autoencoder, steps.bf16)
+            unet = core.GraphedModule(unet, steps.bf16)
+        torch.manual_seed(1)
+        torch.cuda.manual_seed(1)
+        losses = {"autoencoder": [], "diffusion": []}
+        for _ in range(n_steps):
+            losses["autoencoder"].append(core.autoencoder_step(autoencoder, steps.ae_optimizer, steps.images,
+                                                               kl_weight=KL_WEIGHT, autocast_bf16=steps.bf16)["recon"])
+        steps.generator.manual_seed(2)
+        for _ in range(n_steps):
+            losses["diffusion"].append(core.diffusion_step(unet, steps.unet_optimizer, steps.scheduler,
+                                                           steps.model.encode(steps.images), steps.generator,
+                                                           steps.bf16))
+        runs.append((losses, {name: value.detach().float().clone()
+                              for name, value in steps.model.state_dict().items()}))
+    (eager_losses, eager_state), (graphed_losses, graphed_state) = runs
+    return {"eager_losses": eager_losses, "graphed_losses": graphed_losses,
+            "max_param_diff": max(float((eager_state[name] - graphed_state[name]).abs().max())
+                                  for name in eager_state)}
 
 
 def step_flops(steps: Steps) -> dict[str, float]:
@@ -257,6 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer calls (a dry run)")
+    parser.add_argument("--skip-paper", action="store_true", help="leave out the paper presets")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -295,8 +345,27 @@ def main() -> None:
                   f"{row['images_per_s']:,.0f} | {ratio} |", flush=True)
         write()
 
+    if device.type == "cuda":
+        print("\nCUDA graphs against eager, same weights, data and noise (8 steps of each stage, bf16):\n")
+        result["graph_checks"] = []
+        for name, preset, shape, batch in COMPARED:
+            try:
+                check = {"case": name, **graphed_matches_eager(preset, shape, batch, device)}
+                print(f"- {name}: autoencoder L1 eager {check['eager_losses']['autoencoder'][-1]:.5f} vs graphed "
+                      f"{check['graphed_losses']['autoencoder'][-1]:.5f}; diffusion loss eager "
+                      f"{check['eager_losses']['diffusion'][-1]:.5f} vs graphed "
+                      f"{check['graphed_losses']['diffusion'][-1]:.5f}; largest parameter difference "
+                      f"{check['max_param_diff']:.2e}", flush=True)
+            except Exception as error:
+                check = {"case": name, "error": f"{type(error).__name__}: {error}"}
+                print(f"- {name}: failed: {check['error'][:200]}", flush=True)
+            result["graph_checks"].append(check)
+            write()
+        print()
     for name, preset, shape, batch in COMPARED:
         time_variants(name, preset, shape_of(shape), 2 if args.quick else batch, device, args.quick, emit)
+    if args.skip_paper:
+        return
 
     result["bf16_peak_flops"] = peak = bf16_peak(device, args.quick)
     print(f"\nPaper presets, raymem's steps (bf16 autocast); card's bf16 rate: {peak / 1e12:.0f} TFLOP/s "

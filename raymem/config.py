@@ -269,6 +269,11 @@ class LDMTrainConfig(_Strict):
     ddim_steps: int = Field(default=50, ge=1, le=1000, description="DDIM steps for the sample grid")
     num_workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (DDP processes)")
     use_gpu: bool = Field(default=False, description="one GPU per worker (bfloat16 autocast)")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="replay the autoencoder's and the UNet's training forward and backward from CUDA graphs "
+                    "(needs use_gpu and one worker): these networks wait on kernel launches, and replay made the "
+                    "small presets' steps many times faster on an H200 (docs/benchmarks.md)")
     cpus_per_worker: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves per worker; also its torch thread count")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints (the last always saved)")
@@ -292,6 +297,9 @@ class LDMTrainConfig(_Strict):
     def _perceptual_needs_weights(self) -> LDMTrainConfig:
         if self.perceptual_weight > 0 and not self.perceptual_weights_file:
             raise ValueError("perceptual_weights_file: needed when perceptual_weight > 0 (nothing is downloaded)")
+        if self.cuda_graphs and not (self.use_gpu and self.num_workers == 1):
+            raise ValueError(f"cuda_graphs: needs use_gpu: true and num_workers: 1 (got use_gpu {self.use_gpu}, "
+                             f"num_workers {self.num_workers}); DDP's gradient hooks cannot be captured in a graph")
         return self
 
 

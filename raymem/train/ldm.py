@@ -118,6 +118,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     # DDP wrappers share parameters with `model`; the training steps go through them, evaluation through `model`.
     autoencoder = ray.train.torch.prepare_model(model.autoencoder)
     unet = ray.train.torch.prepare_model(model.unet)
+    if cfg.cuda_graphs and device.type == "cuda":  # the steps replay both networks from CUDA graphs
+        autoencoder, unet = core.GraphedModule(autoencoder, autocast_bf16), core.GraphedModule(unet, autocast_bf16)
     adversary = core.Adversary(ray.train.torch.prepare_model(discriminator), discriminator_optimizer,
                                cfg.adversarial_weight) if discriminator is not None else None
     perceptual = core.build_perceptual_loss(spatial_dims, cfg.perceptual_weights_file).to(device) \

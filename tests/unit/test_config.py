@@ -42,3 +42,16 @@ def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path):
 def test_an_ldm_trains_on_the_train_or_the_test_split_only():
     with pytest.raises(config.ConfigError, match=r"\bsplit\b"):
         config.validate(config.LDMTrainConfig, {"dataset": "d", "out": "o", "split": "val"})
+
+
+@pytest.mark.parametrize("values", [{}, {"use_gpu": True}, {"use_gpu": True, "num_workers": 2}, {"num_workers": 1}])
+def test_cuda_graphs_need_one_gpu_worker(values):
+    # DDP's gradient hooks cannot be captured in a CUDA graph, and there is no graph without a GPU
+    with pytest.raises(config.ConfigError, match="cuda_graphs: needs use_gpu"):
+        config.validate(config.LDMTrainConfig, {"dataset": "d", "out": "o", "cuda_graphs": True, **values})
+
+
+def test_cuda_graphs_with_one_gpu_worker_are_accepted():
+    cfg = config.validate(config.LDMTrainConfig, {"dataset": "d", "out": "o", "cuda_graphs": True, "use_gpu": True,
+                                                         "num_workers": 1})
+    assert cfg.cuda_graphs and not config.validate(config.LDMTrainConfig, {"dataset": "d", "out": "o"}).cuda_graphs
