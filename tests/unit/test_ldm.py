@@ -87,6 +87,10 @@ def test_training_subsets_nest_for_one_seed():
     small, large = nested_subset(ids, 10, seed=3), nested_subset(ids, 30, seed=3)
 
     assert len(set(small)) == 10 and set(small) < set(large)
+    # the shared subset is the larger one's prefix, in order, and the order does not depend on the input's order
+    assert large[:10] == small and nested_subset(list(reversed(ids)), 30, seed=3) == large
+    # another seed draws another subset (so the seed is used), and the draw is not just the first ids
+    assert nested_subset(ids, 10, seed=4) != small and small != sorted(ids)[:10]
 
 
 def _nearest_training_correlation(samples: torch.Tensor, training: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 
 from raymem.audit import metrics, statistics
 from raymem.audit.embeddings import evaluation_split, run_audit
-from raymem.audit.images import numeric_items
+from raymem.audit.embeddings import numeric_items
 
 
 def write_embeddings(path, embeddings: np.ndarray, prefix: str, rows_per_patient: int | None = 2) -> str:
@@ -470,3 +470,19 @@ def test_a_memorized_rate_carried_far_beyond_the_measurable_draws_gets_a_warning
                   .metrics["warnings"]) for test in (small, large)]
 
     assert warned == [True, False]  # 38 measurable draws < 100 / 2 <= 58
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_validation_split_keeps_each_patients_rows_together_when_rows_are_interleaved(seed):
+    # rows of one patient scattered through the table: a split by row position cannot land on patient boundaries
+    rng = np.random.default_rng(seed)
+    patients = rng.permutation(np.repeat([f"p{i}" for i in range(30)], np.arange(30) % 5 + 1))
+
+    first, second = metrics.split_by_patient(patients, np.random.default_rng(100 + seed))
+
+    assert sorted(np.concatenate([first, second]).tolist()) == list(range(len(patients)))  # every row, once
+    assert not set(patients[first]) & set(patients[second])
+    for patient in set(patients):  # all of a patient's rows on one side
+        rows = set(np.flatnonzero(patients == patient).tolist())
+        assert rows <= set(first.tolist()) or rows <= set(second.tolist())
+    assert abs(len(first) - len(second)) <= 2 * 5  # halves within one patient's rows of each other, either way
