@@ -72,3 +72,28 @@ def test_safe_source_keeps_no_path_component():
 def test_safe_source_keeps_a_medmnist_index_and_tells_files_apart():
     assert safe_source("a.npz#train/3", b"k", None).endswith(".npz#train/3")
     assert safe_source("x/a.png", b"k", None) != safe_source("y/a.png", b"k", None)
+
+
+def test_png_and_nifti_folder_and_file_names_leave_no_trace_in_patient_ids_or_sources():
+    from raymem.data import formats
+    from raymem.data.ingest import path_patients, safe_source
+
+    # exports name folders and files after patients and dates
+    relative = ["export/Doe-John_1970-01-01/Doe-John_1970-01-01_chest.png",
+                "export/Doe-John_1970-01-01/Doe-John_1970-01-01_chest_lateral.png",
+                "export/Roe-Jane_19800202/ct_2020-03-04.nii.gz"]
+    phi = ["Doe", "John", "1970-01-01", "Roe", "Jane", "19800202", "2020-03-04", "chest", "lateral", "ct_"]
+    key = b"site key"
+
+    patient_of, _ = path_patients(relative, "auto")
+    ids = {path: formats.pseudonymize(patient_of[path], key) for path in relative}
+    sources = [safe_source(path, key, ids[path]) for path in relative]
+
+    assert not [s for s in phi for text in [*ids.values(), *sources] if s in text]
+    # one patient per folder, two files of one patient told apart, the format still readable from the source
+    assert len(set(ids.values())) == 2 and len(set(sources)) == 3
+    assert sources[0].endswith(".png") and sources[2].endswith(".nii.gz")
+    assert all(source.startswith(ids[path] + "/f-") for path, source in zip(relative, sources))
+    # keyed: the same key gives the same pseudonyms, another key others (no dictionary attack without the key)
+    assert formats.pseudonymize(patient_of[relative[0]], key) == ids[relative[0]]
+    assert formats.pseudonymize(patient_of[relative[0]], b"other key") != ids[relative[0]]
