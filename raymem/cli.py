@@ -160,10 +160,12 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _audit_embeddings(args: argparse.Namespace) -> int:
-    from raymem.audit.embeddings import audit_embeddings
+    from raymem import tracking
+    from raymem.audit.embeddings import audit_embeddings, track_audit
 
     cfg = _audit_config(args)
-    preflight.run_preflight(args.out)
+    experiment = tracking.DEFAULT_EXPERIMENT if args.run_name else None
+    preflight.run_preflight(args.out, experiment=experiment)
     if args.distributed:
         runtime.init_ray()
     reference_ids = None
@@ -171,12 +173,19 @@ def _audit_embeddings(args: argparse.Namespace) -> int:
         from raymem import storage
 
         reference_ids = json.loads(storage.read_bytes(args.reference_ids))
-    metrics = audit_embeddings(args.train, args.val, args.synthetic, args.out, test_uri=args.test,
-                               null_uri=args.null_synthetic, reference_ids=reference_ids, percentile=cfg.percentile,
-                               top_k=cfg.top_k, calibration=cfg.calibration, plant_copies=cfg.plant_copies,
-                               labels_csv=args.labels, seed=cfg.seed, distributed=args.distributed)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print("\n".join(f"warning: {warning}" for warning in metrics["warnings"]), file=sys.stderr)
+    result = audit_embeddings(args.train, args.val, args.synthetic, args.out, test_uri=args.test,
+                              null_uri=args.null_synthetic, reference_ids=reference_ids, percentile=cfg.percentile,
+                              top_k=cfg.top_k, calibration=cfg.calibration, plant_copies=cfg.plant_copies,
+                              labels_csv=args.labels, seed=cfg.seed, distributed=args.distributed)
+    if args.run_name:
+        track_audit(result, args.out, experiment=experiment, run_name=args.run_name, stage="audit-embeddings",
+                    params={"train": args.train, "val": args.val, "test": args.test, "synthetic": args.synthetic,
+                            "null_synthetic": args.null_synthetic, **cfg.model_dump()})
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    print("\n".join(f"warning: {warning}" for warning in result.metrics["warnings"]), file=sys.stderr)
+    if runtime.verbose():
+        print("audit-embeddings phase seconds: " + " ".join(
+            f"{phase}={seconds:.3f}" for phase, seconds in result.phase_seconds.items()), file=sys.stderr)
     return 0
 
 
@@ -376,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-ids", help="JSON list of the generator's training sample_ids (an LDM run's "
                                            "training_ids.json): the training set it is compared with")
     p.add_argument("--out", required=True, help="output folder URI")
+    p.add_argument("--run-name", help="also log the audit to MLflow as this run (MLFLOW_TRACKING_URI, else sqlite in "
+                                      "OUT): its figures and each phase's seconds (audit/phase_seconds/<phase>); "
+                                      "-v prints the phases' seconds either way")
     _audit_options(p)
     p.set_defaults(func=_audit_embeddings)
 

@@ -31,8 +31,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -155,27 +159,73 @@ def _require_unique(ids: np.ndarray, what: str, uri: str) -> None:
         raise ValueError(f"{what} must be unique in {uri}; repeated: {', '.join(values[counts > 1][:_MAX_NAMED])}")
 
 
+PHASES = ("read", "standardise", "search", "calibrate", "figures", "matches", "write")  # AuditResult.phase_seconds
+
+
+class PhaseClock:
+    """Wall seconds of an audit's phases (PHASES), in the order first entered; a phase entered again adds up.
+
+    read: the Parquet files to float32 rows, checked (and planted samples made or read). standardise: each set
+    centred, L2-normalised and rounded for the search's screen, once. search: every all-pairs search, with the
+    float64 re-checks that the thresholds deciding which evaluation pairs to keep need. calibrate: every
+    calibration's thresholds and decisions, with the remaining float64 re-checks near them. figures: metrics.json's
+    figures and intervals, the report's pairs and patients. matches: the matches table. write: metrics.json and
+    matches.parquet written to the output (``write_outputs``).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        assert name in PHASES, name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class _LocalSet:
+    """One of the audit's sets in this process: raw rows (n, d) float32, and the same prepared for the search
+    (standardized and rounded once, however often the set is searched) after ``_LocalEngine.prepare``."""
+
+    raw: torch.Tensor
+    prepared: kernel.PreparedRows | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.raw)
+
+
 class _LocalEngine:
-    """The search in this process: each set is one tensor (n, d) in memory."""
+    """The search in this process: each set is a _LocalSet in memory."""
 
     def __init__(self, block_rows: int, progress: bool):
         self.block_rows, self.progress = block_rows, progress
 
-    def put(self, batches: Iterable[np.ndarray], dim: int) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([np.zeros((0, dim), np.float32), *batches]))  # (0, d) if no rows
+    def put(self, batches: Iterable[np.ndarray], dim: int) -> _LocalSet:
+        rows = np.concatenate([np.zeros((0, dim), np.float32), *batches])  # (0, d) if there are none
+        return _LocalSet(torch.from_numpy(rows))
 
-    def search(self, a: torch.Tensor, b: torch.Tensor, *, k: int, top_pairs: int = 0) -> kernel.SearchResult:
-        with _progress_bar(self.progress, len(a), len(b), self.block_rows) as bar:
-            return kernel.search(a, b, k=k, block_rows=self.block_rows, top_pairs=top_pairs,
+    def prepare(self, rows: _LocalSet) -> None:
+        rows.prepared = kernel.PreparedRows.of(rows.raw, self.block_rows)
+
+    def search(self, a: _LocalSet, b: _LocalSet, *, k: int, top_pairs: int = 0) -> kernel.SearchResult:
+        assert a.prepared is not None and b.prepared is not None, "prepare both sets first"
+        with _progress_bar(self.progress, a.n_rows, b.n_rows, self.block_rows) as bar:
+            return kernel.search(a.prepared, b.prepared, k=k, block_rows=self.block_rows, top_pairs=top_pairs,
                                  band=metrics.DECISION_BAND, progress=bar)
 
-    def exact_topk(self, queries: torch.Tensor, rows: np.ndarray, reference: torch.Tensor, k: int):
-        blocks = ((start, reference[start : start + self.block_rows]) for start in range(0, len(reference), self.block_rows))
-        scores, indices = kernel.exact_topk(queries[torch.from_numpy(rows)], blocks, k)
+    def exact_topk(self, queries: _LocalSet, rows: np.ndarray, reference: _LocalSet, k: int):
+        blocks = ((start, reference.raw[start : start + self.block_rows])
+                  for start in range(0, reference.n_rows, self.block_rows))
+        scores, indices = kernel.exact_topk(queries.raw[torch.from_numpy(rows)], blocks, k)
         return scores.numpy(), indices.numpy()
 
-    def rows(self, embeddings: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-        return embeddings[torch.from_numpy(np.asarray(rows, dtype=np.int64))].numpy()
+    def rows(self, embeddings: _LocalSet, rows: np.ndarray) -> np.ndarray:
+        return embeddings.raw[torch.from_numpy(np.asarray(rows, dtype=np.int64))].numpy()
 
 
 class _RayEngine:
@@ -190,6 +240,9 @@ class _RayEngine:
 
     def put(self, batches: Iterable[np.ndarray], dim: int):
         return self.distributed.put_blocks(batches, self.block_rows, dim)
+
+    def prepare(self, blocks) -> None:
+        """Nothing to do here: each task prepares its blocks (raymem.search.distributed keeps them per worker)."""
 
     def search(self, a, b, *, k: int, top_pairs: int = 0) -> kernel.SearchResult:
         with _progress_bar(self.progress, a.n_rows, b.n_rows, self.block_rows) as bar:
@@ -263,6 +316,8 @@ class AuditResult:
     top_pairs: the REPORT_PAIRS highest-scoring generated samples with their best training match (dicts:
     synthetic_id, train_id, patient_id, score, is_copy, synthetic_index, train_index). patients: per training
     patient rows (patient_id, n_train_images, n_memorized, best_score), riskiest first. matches: the matches table.
+    phase_seconds: wall seconds of each phase run so far ({phase: seconds}, ``PhaseClock``; never in metrics, which
+    one seed makes the same on every run); ``write_outputs`` adds "write".
     """
 
     metrics: dict
@@ -273,6 +328,7 @@ class AuditResult:
     patients: list[dict]
     matches: pa.Table
     null_scores_generator: np.ndarray | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -333,17 +389,13 @@ def read_inputs(train_uri: str, val_uri: str, synthetic_uri: str, *, test_uri: s
 def plant_embeddings(engine, train_set, eval_set, n: int, rng: np.random.Generator) -> Planted:
     """n known copies (random reference training rows plus noise, PLANTED_NOISE) and n known novel samples
     (random evaluation rows under the same noise): the embedding-level ground truth."""
-    copy_rows = np.sort(rng.choice(_rows_of(train_set), size=n, replace=False))
-    novel_rows = np.sort(rng.choice(_rows_of(eval_set), size=n, replace=False))
+    copy_rows = np.sort(rng.choice(train_set.n_rows, size=n, replace=False))
+    novel_rows = np.sort(rng.choice(eval_set.n_rows, size=n, replace=False))
     embeddings = np.concatenate([_plant(engine.rows(train_set, copy_rows), rng),
                                  _plant(engine.rows(eval_set, novel_rows), rng)])
     ids = np.array([f"planted-embedding-{i}" for i in range(n)] + [f"planted-novel-embedding-{i}" for i in range(n)],
                    dtype=object)
     return Planted(embeddings, ids, np.concatenate([copy_rows, np.full(n, -1)]), PLANTED_NOISE)
-
-
-def _rows_of(blocks) -> int:
-    return len(blocks) if isinstance(blocks, torch.Tensor) else blocks.n_rows
 
 
 def read_planted(uri: str, planted: Mapping[str, str], planted_novel: Sequence[str],
@@ -376,6 +428,12 @@ class _Sets:
         self.synthetic = engine.put(inputs.synthetic.batches(), inputs.train.source.dim)
         self.null = engine.put(inputs.null.batches(), inputs.train.source.dim) if inputs.null else None
 
+    def prepare(self) -> None:
+        """Each set ready for the search (``engine.prepare``), once however often it is searched."""
+        for rows in (self.train, self.calibrate, self.evaluate, self.synthetic, self.null):
+            if rows is not None:
+                self.engine.prepare(rows)
+
     def pair_recompute(self, other):
         """(train rows, rows of ``other``) -> float64 pair scores."""
         def recompute(train_rows: np.ndarray, other_rows: np.ndarray) -> np.ndarray:
@@ -402,15 +460,30 @@ def search_against_train(sets: _Sets, other, n_other: int, n_train: int, top_pai
 
 
 def pairs_above(sets: _Sets, other, n_other: int, n_train: int, threshold: float,
-                pairs: metrics.TopPairs | None = None):
-    """(other -> train best, train x other pairs holding every pair strictly above threshold): searches again,
-    asking for four times as many pairs each time, until the kept pairs reach below the threshold."""
-    requested = max(1024, 4 * (len(pairs.scores) if pairs is not None else 0))
+                pairs: metrics.TopPairs | None = None, first_request: int = 0):
+    """(other -> train best, train x other pairs holding every pair strictly above threshold): searches for
+    first_request pairs (at least 1024, and four times those already held), then again, asking for four times as
+    many pairs each time, until the kept pairs reach below the threshold. The result does not depend on
+    first_request; a good guess (``expected_pairs_above``) saves searches."""
+    requested = max(1024, first_request, 4 * (len(pairs.scores) if pairs is not None else 0))
     best = None
     while pairs is None or not pairs.covers(threshold):
         _, best, pairs = search_against_train(sets, other, n_other, n_train, min(requested, n_train * n_other))
         requested *= 4
     return best, pairs
+
+
+def expected_pairs_above(train_to_val: metrics.Neighbours, n_val: int, n_other: int, threshold: float) -> int:
+    """About 1.5 times as many train x other pairs as score above threshold: ``pairs_above``'s first request.
+
+    The share f of training samples whose best validation score exceeds the threshold gives the single-pair tail
+    p with 1 - (1 - p) ** n_val = f (pairs taken as independent); train x other holds about p * n_train * n_other
+    such pairs. The 1.5 covers the estimate's noise, so that one search mostly suffices; the search asks again
+    when it does not.
+    """
+    share = float(np.mean(train_to_val.best > threshold))
+    single_pair_tail = -np.expm1(np.log1p(-share) / n_val) if share < 1 else 1.0
+    return int(np.ceil(1.5 * single_pair_tail * len(train_to_val) * n_other))
 
 
 def run_audit(
@@ -461,8 +534,10 @@ def run_audit(
     if calibration == "generator" and not null_uri:
         raise ValueError("calibration 'generator' needs the samples of a generator trained on held-out patients "
                          "(--null-synthetic): train one with `raymem train-ldm --split test`")
-    inputs = read_inputs(train_uri, val_uri, synthetic_uri, test_uri=test_uri, null_uri=null_uri,
-                         reference_ids=reference_ids, seed=seed)
+    clock = PhaseClock()
+    with clock.phase("read"):
+        inputs = read_inputs(train_uri, val_uri, synthetic_uri, test_uri=test_uri, null_uri=null_uri,
+                             reference_ids=reference_ids, seed=seed)
     n_train, n_synthetic = len(inputs.train), len(inputs.synthetic)
     if not 0 <= plant_copies <= min(n_train, len(inputs.evaluate)):
         raise ValueError(f"plant_copies must be between 0 and min({n_train} training, {len(inputs.evaluate)} "
@@ -476,35 +551,47 @@ def run_audit(
                          "validation samples")
 
     engine = _RayEngine(block_rows, progress) if distributed else _LocalEngine(block_rows, progress)
-    sets = _Sets(engine, inputs)
-    planted_set = None
-    if plant_copies:
-        planted_set = plant_embeddings(engine, sets.train, sets.evaluate, plant_copies, rng)
-    elif planted_uri:
-        planted_set = read_planted(planted_uri, planted or {}, planted_novel, inputs.train)
-    searches, planted_to_train = _search(sets, inputs, percentile, top_k, top_pairs, planted_set)
-    names = [name for name in metrics.CALIBRATIONS if name != "generator" or inputs.null is not None]
-    calibrations = {name: metrics.calibrate(name, searches, percentile) for name in names}
-    chosen = calibrations[calibration]
-    figures = audit_metrics(inputs=inputs, searches=searches, calibrations=calibrations, chosen=chosen,
-                            percentile=percentile, top_k=top_k)
-    if planted_set is not None:
-        figures["planted"] = planted_figures(planted_set, planted_to_train, chosen.threshold_copies, seed)
-    if labels_csv is not None:
-        figures["labels"] = _label_figures(labels_csv, inputs, sets, planted_set, chosen.threshold_copies)
-    figures["n_scores_recomputed_float64"] = int(sum(
-        part.exact.sum() for part in (searches.synthetic_to_train, searches.train_to_synthetic)))
-    best_first = np.argsort(-searches.synthetic_to_train.best, kind="stable")[:REPORT_PAIRS]
+    with clock.phase("read"):
+        sets = _Sets(engine, inputs)
+        planted_set = None
+        if plant_copies:
+            planted_set = plant_embeddings(engine, sets.train, sets.evaluate, plant_copies, rng)
+        elif planted_uri:
+            planted_set = read_planted(planted_uri, planted or {}, planted_novel, inputs.train)
+    with clock.phase("standardise"):
+        sets.prepare()
+    with clock.phase("search"):
+        searches, planted_to_train = _search(sets, inputs, percentile, top_k, top_pairs, planted_set)
+    with clock.phase("calibrate"):
+        names = [name for name in metrics.CALIBRATIONS if name != "generator" or inputs.null is not None]
+        calibrations = {name: metrics.calibrate(name, searches, percentile) for name in names}
+        chosen = calibrations[calibration]
+    with clock.phase("figures"):
+        figures = audit_metrics(inputs=inputs, searches=searches, calibrations=calibrations, chosen=chosen,
+                                percentile=percentile, top_k=top_k)
+        if planted_set is not None:
+            figures["planted"] = planted_figures(planted_set, planted_to_train, chosen.threshold_copies, seed)
+        if labels_csv is not None:
+            figures["labels"] = _label_figures(labels_csv, inputs, sets, planted_set, chosen.threshold_copies)
+        figures["n_scores_recomputed_float64"] = int(sum(
+            part.exact.sum() for part in (searches.synthetic_to_train, searches.train_to_synthetic)))
+        best_first = np.argsort(-searches.synthetic_to_train.best, kind="stable")[:REPORT_PAIRS]
+        top_pairs_found = [_pair_row(i, inputs, searches.synthetic_to_train, chosen) for i in best_first]
+        patients = metrics.patient_rows(inputs.train.patient_ids, chosen.is_memorized,
+                                        searches.train_to_synthetic.best)
+    with clock.phase("matches"):
+        matches = matches_table(inputs=inputs, searches=searches, chosen=chosen, planted=planted_set,
+                                planted_to_train=planted_to_train)
     return AuditResult(
         metrics=figures,
         synthetic_top1=searches.synthetic_to_train.best.copy(),
         null_scores=searches.train_to_val.best.copy(),
         null_scores_matched=searches.val_to_train.best.copy(),
         null_scores_generator=None if searches.null_to_train is None else searches.null_to_train.best.copy(),
-        top_pairs=[_pair_row(i, inputs, searches.synthetic_to_train, chosen) for i in best_first],
-        patients=metrics.patient_rows(inputs.train.patient_ids, chosen.is_memorized, searches.train_to_synthetic.best),
-        matches=matches_table(inputs=inputs, searches=searches, chosen=chosen, planted=planted_set,
-                              planted_to_train=planted_to_train),
+        top_pairs=top_pairs_found,
+        patients=patients,
+        matches=matches,
+        phase_seconds=clock.seconds,
     )
 
 
@@ -532,14 +619,18 @@ def _search(sets: _Sets, inputs: AuditInputs, percentile: float, top_k: int, top
     # The evaluation and null pairs must hold every pair above the lowest memorized threshold in use.
     lowest = min(metrics.thresholds(name, searches, percentile)[1] for name in metrics.CALIBRATIONS
                  if name != "generator" or inputs.null is not None)
+    def expected(n_other: int) -> int:
+        return expected_pairs_above(searches.train_to_val, len(inputs.calibrate), n_other, lowest)
+
     searches.eval_to_train, searches.eval_pairs = pairs_above(sets, sets.evaluate, len(inputs.evaluate), n_train,
-                                                              lowest)
+                                                              lowest, first_request=expected(len(inputs.evaluate)))
     if inputs.null is not None and not searches.null_pairs.covers(lowest):
         _, searches.null_pairs = pairs_above(sets, sets.null, len(inputs.null), n_train, lowest,
-                                             searches.null_pairs)
+                                             searches.null_pairs, first_request=expected(len(inputs.null)))
     planted_to_train = None
     if planted is not None:
         planted_blocks = engine.put([planted.embeddings], planted.embeddings.shape[1])
+        engine.prepare(planted_blocks)
         found = engine.search(planted_blocks, sets.train, k=top_k)
         planted_to_train = metrics.Neighbours(
             found.row_scores.numpy(), found.row_indices.numpy(),
@@ -690,51 +781,97 @@ def matches_table(*, inputs: AuditInputs, searches: metrics.Searches, chosen, pl
     """The matches.parquet table (layout in the module docstring)."""
     train_ids, synthetic_ids = inputs.train.sample_ids, inputs.synthetic.sample_ids
 
-    def part(kind, ids, patients, neighbours, neighbour_ids, is_copy, is_memorized, planted_from):
+    def part(kind, ids, patients, neighbours, neighbour_ids, is_copy=None, is_memorized=None, planted_from=None):
         n = len(ids)
         return pa.table({
-            "kind": pa.array([kind] * n, pa.string()),
+            "kind": pa.array(np.full(n, kind), pa.string()),
             "sample_id": pa.array(ids.astype(str), pa.string()),
-            "patient_id": pa.array(patients, pa.string()),
-            "neighbour_ids": pa.array(neighbour_ids[neighbours.indices].astype(str).tolist(), pa.list_(pa.string())),
-            "neighbour_indices": pa.array(neighbours.indices.tolist(), pa.list_(pa.int64())),
-            "neighbour_scores": pa.array(neighbours.scores.tolist(), pa.list_(pa.float64())),
+            "patient_id": pa.nulls(n, pa.string()) if patients is None else pa.array(patients, pa.string()),
+            "neighbour_ids": _lists(neighbour_ids[neighbours.indices].astype(str), pa.string()),
+            "neighbour_indices": _lists(neighbours.indices, pa.int64()),
+            "neighbour_scores": _lists(neighbours.scores, pa.float64()),
             "best_score": pa.array(neighbours.best, pa.float64()),
             "score_exact": pa.array(neighbours.exact, pa.bool_()),
-            "is_copy": pa.array(is_copy, pa.bool_()),
-            "is_memorized": pa.array(is_memorized, pa.bool_()),
-            "planted_from": pa.array(planted_from, pa.string()),
+            "is_copy": pa.nulls(n, pa.bool_()) if is_copy is None else pa.array(is_copy, pa.bool_()),
+            "is_memorized": pa.nulls(n, pa.bool_()) if is_memorized is None else pa.array(is_memorized, pa.bool_()),
+            "planted_from": pa.nulls(n, pa.string()) if planted_from is None else pa.array(planted_from, pa.string()),
         })
 
-    synthetic_patients = inputs.synthetic.patient_ids
-    if synthetic_patients is None:
-        synthetic_patients = np.full(len(synthetic_ids), None, dtype=object)
-    none_synthetic, none_train = [None] * len(synthetic_ids), [None] * len(train_ids)
     parts = [
-        part("synthetic", synthetic_ids, synthetic_patients, searches.synthetic_to_train, train_ids,
-             chosen.is_copy.tolist(), none_synthetic, none_synthetic),
+        part("synthetic", synthetic_ids, inputs.synthetic.patient_ids, searches.synthetic_to_train, train_ids,
+             is_copy=chosen.is_copy),
         part("train", train_ids, inputs.train.patient_ids, searches.train_to_synthetic, synthetic_ids,
-             none_train, chosen.is_memorized.tolist(), none_train),
+             is_memorized=chosen.is_memorized),
     ]
     if planted is not None:
-        none_planted = [None] * len(planted.ids)
         planted_from = [str(train_ids[s]) if s >= 0 else None for s in planted.source]
-        parts.append(part("planted", planted.ids, np.array(none_planted, dtype=object), planted_to_train, train_ids,
-                          planted_to_train.exceeds(chosen.threshold_copies).tolist(), none_planted, planted_from))
+        parts.append(part("planted", planted.ids, None, planted_to_train, train_ids,
+                          is_copy=planted_to_train.exceeds(chosen.threshold_copies), planted_from=planted_from))
     return pa.concat_tables(parts)
 
 
+def _lists(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """An (n, k) array as an Arrow list<value_type> column of n lists of k values, built from the flat values
+    (a list of Python lists per row costs some ten times more at 100,000 rows)."""
+    n, k = values.shape
+    assert n * k < 2**31, values.shape  # list offsets are int32
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), value_type))
+
+
 def write_outputs(result: AuditResult, out_uri: str) -> None:
-    """metrics.json and matches.parquet under out_uri (local or s3://)."""
+    """metrics.json and matches.parquet under out_uri (local or s3://); the seconds it took are the result's
+    "write" phase."""
+    started = time.perf_counter()
     storage.write_bytes(storage.join(out_uri, "metrics.json"), json.dumps(result.metrics, indent=2).encode())
     buffer = io.BytesIO()
     pq.write_table(result.matches, buffer)
     storage.write_bytes(storage.join(out_uri, "matches.parquet"), buffer.getvalue())
+    result.phase_seconds["write"] = result.phase_seconds.get("write", 0.0) + time.perf_counter() - started
 
 
-def audit_embeddings(train_uri: str, val_uri: str, synthetic_uri: str, out_uri: str, **options) -> dict:
+def numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
+    """(name, value) of every finite number in a metrics dict, nested keys joined by dots; a ``ci95`` entry
+    {figure: [lo, hi]} becomes <figure>_ci_lo and <figure>_ci_hi (MLflow metric names)."""
+    for key, value in metrics.items():
+        if key == "ci95" and isinstance(value, dict):
+            for figure, (lo, hi) in value.items():
+                yield f"{prefix}{figure}_ci_lo", float(lo)
+                yield f"{prefix}{figure}_ci_hi", float(hi)
+        elif isinstance(value, dict):
+            yield from numeric_items(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            yield f"{prefix}{key}", float(value)
+
+
+def track_audit(result: AuditResult, out_uri: str, *, experiment: str, run_name: str, params: dict,
+                artifacts: Mapping[str, str] = (), stage: str = "audit") -> None:
+    """One MLflow run per audit (MLFLOW_TRACKING_URI, else sqlite in a local out_uri): params, every numeric
+    figure (intervals as <figure>_ci_lo / _ci_hi), each phase's wall seconds as audit/phase_seconds/<phase>, the
+    warnings, the evaluation source and the training set compared with as tags; metrics.json and ``artifacts``
+    ({file name: text}) as artifacts."""
+    from raymem import tracking
+
+    metrics = result.metrics
+    uri = tracking.tracking_uri() if storage.is_s3(out_uri) else tracking.tracking_uri(out_uri)
+    tags = {"raymem.stage": stage, "raymem.fpr_source": str(metrics.get("fpr_source")),
+            "raymem.reference": str(metrics.get("reference", {}).get("source"))}
+    if metrics.get("warnings"):
+        tags["raymem.warnings"] = " | ".join(metrics["warnings"])[:5000]  # MLflow caps a tag value's length
+    with tracking.run(experiment, run_name, uri=uri, tags=tags) as tracked:
+        tracking.log_params(tracked, params)
+        tracking.log_metrics(tracked, {**dict(numeric_items(metrics)), **{
+            f"audit/phase_seconds/{phase}": seconds for phase, seconds in result.phase_seconds.items()}})
+        files = {**dict(artifacts), "metrics.json": json.dumps(metrics, indent=2, sort_keys=True)}
+        with tempfile.TemporaryDirectory() as folder:
+            for name, text in files.items():
+                Path(folder, name).write_text(text, encoding="utf-8")
+            tracked.client.log_artifacts(tracked.run_id, folder)
+
+
+def audit_embeddings(train_uri: str, val_uri: str, synthetic_uri: str, out_uri: str, **options) -> AuditResult:
     """Run the audit (``run_audit``, same keywords) and write metrics.json and matches.parquet under out_uri;
-    returns the metrics."""
+    returns the result (its phase_seconds with "write")."""
     result = run_audit(train_uri, val_uri, synthetic_uri, **options)
     write_outputs(result, out_uri)
-    return result.metrics
+    return result

@@ -20,9 +20,7 @@ import dataclasses
 import io
 import json
 import logging
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from raymem import storage, tracking
+from raymem import storage
 from raymem.audit import embeddings as embedding_audit
+from raymem.audit.embeddings import numeric_items  # noqa: F401 - the sweep reads it from here
 from raymem.audit.report import CopyPair, render_report, write_report
 from raymem.config import AuditConfig, EmbedConfig, IngestConfig
 from raymem.data import shards
@@ -257,9 +256,10 @@ def audit_images(dataset_uri: str, synthetic_uri: str, detector_uri: str, out_ur
 
     html = audit_report(result, dataset_uri, synthetic_dataset, cfg.calibration)
     write_report(storage.join(out_uri, "report.html"), html)
-    _track(result.metrics, html, out_uri, experiment, run_name,
-           {"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri,
-            "null_synthetic": null_synthetic_uri, **cfg.model_dump()})
+    embedding_audit.track_audit(result, out_uri, experiment=experiment, run_name=run_name,
+                                params={"dataset": dataset_uri, "synthetic": synthetic_uri, "detector": detector_uri,
+                                        "null_synthetic": null_synthetic_uri, **cfg.model_dump()},
+                                artifacts={"report.html": html})
     return result.metrics
 
 
@@ -294,37 +294,6 @@ def audit_report(result: embedding_audit.AuditResult, dataset_uri: str, syntheti
             "generator": result.null_scores_generator}[calibration]
     return render_report(metrics=result.metrics, synthetic_top1=result.synthetic_top1, null_scores=null,
                          pairs=pairs, patients=result.patients)
-
-
-def numeric_items(metrics: dict, prefix: str = "") -> Iterable[tuple[str, float]]:
-    """(name, value) of every finite number in a metrics dict, nested keys joined by dots; a ``ci95`` entry
-    {figure: [lo, hi]} becomes <figure>_ci_lo and <figure>_ci_hi (MLflow metric names)."""
-    for key, value in metrics.items():
-        if key == "ci95" and isinstance(value, dict):
-            for figure, (lo, hi) in value.items():
-                yield f"{prefix}{figure}_ci_lo", float(lo)
-                yield f"{prefix}{figure}_ci_hi", float(hi)
-        elif isinstance(value, dict):
-            yield from numeric_items(value, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-            yield f"{prefix}{key}", float(value)
-
-
-def _track(metrics: dict, html: str, out_uri: str, experiment: str, run_name: str, params: dict) -> None:
-    """One MLflow run per audit: params, every numeric figure (intervals as <figure>_ci_lo / _ci_hi), the warnings,
-    the evaluation source and the training set compared with as tags, and report/metrics as artifacts."""
-    uri = tracking.tracking_uri() if storage.is_s3(out_uri) else tracking.tracking_uri(out_uri)
-    tags = {"raymem.stage": "audit", "raymem.fpr_source": str(metrics.get("fpr_source")),
-            "raymem.reference": str(metrics.get("reference", {}).get("source"))}
-    if metrics.get("warnings"):
-        tags["raymem.warnings"] = " | ".join(metrics["warnings"])[:5000]  # MLflow caps a tag value's length
-    with tracking.run(experiment, run_name, uri=uri, tags=tags) as tracked:
-        tracking.log_params(tracked, params)
-        tracking.log_metrics(tracked, dict(numeric_items(metrics)))
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "report.html").write_text(html, encoding="utf-8")
-            Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            tracked.client.log_artifacts(tracked.run_id, folder)
 
 
 def filter_copies(audit_uri: str, synthetic_uri: str, out_uri: str) -> dict[str, int]:

@@ -63,11 +63,23 @@ PADDING_INDEX = 0x7FFFFFFF  # index of a tile's padding entries (score -inf): or
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
+@contextmanager
+def _intra_op_threads(n: int):
+    """Run torch ops with n intra-op threads inside the block (torch's setting is process-wide)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def find_invalid_rows(embeddings: torch.Tensor) -> torch.Tensor:
     """Rows whose Pearson correlation is undefined: (n, d) -> (n,) bool, True where a row has a non-finite
-    value or is constant (centring leaves the zero vector)."""
-    finite = torch.isfinite(embeddings).all(dim=1)
-    constant = embeddings.amax(dim=1) == embeddings.amin(dim=1)
+    value or is constant (centring leaves the zero vector). One intra-op thread (``map_blocks`` says why)."""
+    with _intra_op_threads(1):
+        finite = torch.isfinite(embeddings).all(dim=1)
+        constant = embeddings.amax(dim=1) == embeddings.amin(dim=1)
     return ~finite | constant
 
 
@@ -596,20 +608,46 @@ def tile_grid(n: int, m: int, block_rows: int) -> Iterator[tuple[int, int]]:
             yield a_offset, b_offset
 
 
-@contextmanager
-def _intra_op_threads(n: int):
-    """Run torch ops with n intra-op threads inside the block (torch's setting is process-wide)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+def map_blocks(function, items: Iterable, device: torch.device | str = "cpu") -> list:
+    """[function(item) for item in items], on CPU with up to torch's intra-op thread count of Python threads, each
+    running torch with one intra-op thread (on CUDA one after another). As the search runs its tiles: per-block
+    work gains little from intra-op threads, and on a shared machine their spin-waiting costs many times the work
+    (preparing 40,000 x 128 rows: 0.08 s on one thread, 1.2 s on two beside a busy process, 2-core dev box)."""
+    items = list(items)
+    if torch.device(device).type == "cuda":
+        return [function(item) for item in items]
+    workers = min(torch.get_num_threads(), len(items))
+    with _intra_op_threads(1):
+        if workers <= 1:
+            return [function(item) for item in items]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(function, items))
+
+
+@dataclass(frozen=True)
+class PreparedRows:
+    """Embeddings (n, d) ready for ``search``: their blocks of ``block_rows`` rows (the last may be shorter), each
+    standardized and rounded for ``screen`` once (``prepare_block``), so that a set searched several times (the
+    audit's training set) is prepared once."""
+
+    blocks: tuple[Block, ...]
+    block_rows: int
+    screen: str
+    n_rows: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, embeddings: torch.Tensor, block_rows: int, screen: str | None = None) -> PreparedRows:
+        """Prepare raw embeddings (n, d); screen None: ``default_screen`` of their dimension and device."""
+        screen = screen or default_screen(embeddings.shape[1], embeddings.device)
+        blocks = tuple(map_blocks(lambda start: prepare_block(embeddings[start : start + block_rows], screen),
+                                  range(0, embeddings.shape[0], block_rows), embeddings.device))
+        return cls(blocks, block_rows, screen, embeddings.shape[0], embeddings.device)
 
 
 def search(
-    a: torch.Tensor,
-    b: torch.Tensor,
+    a: torch.Tensor | PreparedRows,
+    b: torch.Tensor | PreparedRows,
     *,
     k: int,
     block_rows: int = 4096,
@@ -623,8 +661,9 @@ def search(
 
     k: top-k per A row (min(k, m) kept). top_pairs > 0 also returns the top_pairs largest of all n * m pair
     scores plus every pair within ``band`` below the top_pairs-th. Rows must be valid (``find_invalid_rows``).
-    Blocks are prepared once each (``prepare_block``; screen: one of SCREENS, None for ``default_screen``; the
-    results are the same for every screen, only the speed differs); tiles follow ``tile_grid``.
+    Blocks are prepared once each (``PreparedRows.of``; screen: one of SCREENS, None for ``default_screen``; the
+    results are the same for every screen, only the speed differs), or a and b come prepared (with this
+    block_rows, both with one screen); tiles follow ``tile_grid``.
 
     On CPU, up to ``workers`` threads (default: torch's intra-op thread count) run whole tiles, each with the
     remaining share of intra-op threads (one when there are enough tiles): the tile's many small reductions gain
@@ -632,20 +671,24 @@ def search(
     workers run them. On CUDA tiles run one after another.
     progress: anything with ``update(n)``, advanced once per finished tile.
     """
-    device = a.device
+    if not isinstance(b, PreparedRows):
+        b = PreparedRows.of(b, block_rows, screen or (a.screen if isinstance(a, PreparedRows) else None))
+    if not isinstance(a, PreparedRows):
+        a = PreparedRows.of(a, block_rows, b.screen)
+    if (a.block_rows, b.block_rows, b.screen) != (block_rows, block_rows, a.screen) or screen not in (None, a.screen):
+        raise ValueError(f"prepared rows must share block_rows {block_rows} and one screen; got block_rows "
+                         f"{a.block_rows} and {b.block_rows}, screens {a.screen} and {b.screen} (asked: {screen})")
+    device, a_blocks, b_blocks = a.device, a.blocks, b.blocks
     threads = torch.get_num_threads()
-    n_tiles = -(-a.shape[0] // block_rows) * -(-b.shape[0] // block_rows)
+    n_tiles = len(a_blocks) * len(b_blocks)
     workers = 1 if device.type == "cuda" else min(workers or threads, n_tiles)
-    screen = screen or default_screen(a.shape[1], device)
-    a_blocks = [prepare_block(a[start : start + block_rows], screen) for start in range(0, a.shape[0], block_rows)]
-    b_blocks = [prepare_block(b[start : start + block_rows], screen) for start in range(0, b.shape[0], block_rows)]
-    accumulator = SearchAccumulator(a.shape[0], b.shape[0], k, top_pairs=top_pairs, band=band, device=device)
+    accumulator = SearchAccumulator(a.n_rows, b.n_rows, k, top_pairs=top_pairs, band=band, device=device)
     merging = threading.Lock()
     per_thread = threading.local()
 
     def run_tile(a_offset: int, b_offset: int) -> SearchResult:
         if not hasattr(per_thread, "workspace"):
-            per_thread.workspace = make_workspace(min(block_rows, b.shape[0]), device)
+            per_thread.workspace = make_workspace(min(block_rows, b.n_rows), device)
         a_block, b_block = a_blocks[a_offset // block_rows], b_blocks[b_offset // block_rows]
         with merging:
             row_floor, column_floor = accumulator.floors(a_offset, len(a_block.exact), b_offset, len(b_block.exact))
@@ -654,7 +697,7 @@ def search(
 
     with _intra_op_threads(max(1, threads // workers)), ThreadPoolExecutor(workers) as pool:
         pending: dict = {}
-        for offsets in tile_grid(a.shape[0], b.shape[0], block_rows):
+        for offsets in tile_grid(a.n_rows, b.n_rows, block_rows):
             if len(pending) >= 2 * workers:  # bounded: results are merged as they finish
                 _merge_finished(pending, accumulator, merging, progress)
             pending[pool.submit(run_tile, *offsets)] = offsets
@@ -679,17 +722,45 @@ def exact_topk(
     """Float64 top-k of raw query rows (q, d) over raw reference rows given as (first index, block (b_i, d)) pairs.
 
     Returns scores (q, k') float64 and indices (q, k') int64, k' = min(k, reference rows), best first, ties
-    towards the lowest index. Memory O(q * k + query_rows * block).
+    towards the lowest index. Memory O(q * k per block + query_rows * block per thread); blocks run as ``map_blocks``.
     """
     standardized = standardize(queries, torch.float64)
-    best_scores = torch.zeros((queries.shape[0], 0), dtype=torch.float64, device=queries.device)
-    best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
-    for offset, block in reference_blocks:
+
+    def block_topk(offset_and_block):
+        offset, block = offset_and_block
         reference = standardize(block, torch.float64).T
         scores = torch.cat([standardized[s : s + query_rows] @ reference for s in range(0, len(queries), query_rows)])
-        indices = torch.arange(offset, offset + block.shape[0], device=queries.device).expand_as(scores)
-        best_scores, best_indices = _merge_exact(best_scores, best_indices, scores, indices, k)
+        block_scores, block_columns = topk_lowest_index(scores, k)
+        return block_scores, block_columns + offset
+
+    best_scores = torch.zeros((queries.shape[0], 0), dtype=torch.float64, device=queries.device)
+    best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
+    for block_scores, block_indices in map_blocks(block_topk, reference_blocks, queries.device):
+        best_scores, best_indices = _merge_exact(best_scores, best_indices, block_scores, block_indices, k)
     return best_scores, best_indices
+
+
+def topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest of scores (q, b), best first, ties towards the lowest column: values (q, k') and columns
+    (q, k') int64, k' = min(k, b). The same as the first k' of a stable descending sort of every row.
+
+    torch.topk finds the k-th largest value of each row but breaks ties in no stated order; the entries at or
+    above it are the answer unless a tie straddles the k-th place. Only then are whole rows sorted (rarely: the
+    rows of one block share the float64 value only for duplicated or symmetric embeddings).
+    """
+    k = min(k, scores.shape[1])
+    if k == 0 or len(scores) == 0:
+        empty = torch.zeros((len(scores), k), dtype=torch.int64, device=scores.device)
+        return scores[:, :k], empty
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    candidates = scores >= kth
+    if bool((candidates.sum(dim=1) == k).all()):
+        columns = candidates.nonzero()[:, 1].view(-1, k)  # ascending within each row
+        values = scores.gather(1, columns)
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices
+        return values.gather(1, order), columns.gather(1, order)
+    columns = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, columns), columns
 
 
 def _merge_exact(scores_a, indices_a, scores_b, indices_b, k):

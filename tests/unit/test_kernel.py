@@ -226,3 +226,45 @@ def test_accumulated_pairs_are_ordered_by_score_then_a_row_then_b_row():
     assert list(zip(merged.pair_rows.tolist(), merged.pair_cols.tolist())) == [
         (2**20 + 1, 2**19), (2**20 + 3, 2), (2**20 + 3, 9), (7, 1), (2**20, 0)
     ]
+
+
+@pytest.mark.parametrize("k", [1, 5, 300, 400])
+@pytest.mark.parametrize("steps", [None, 8])
+def test_topk_lowest_index_is_a_stable_descending_sort_cut_at_k(k, steps):
+    # steps None: distinct float64 scores, torch.topk's candidates stand; 8: scores in steps of 1/8, so ties
+    # straddle the k-th place and whole rows are sorted
+    scores = torch.randn(200, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    if steps is not None:
+        scores = torch.round(scores * steps) / steps
+    expected = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+    values, columns = kernel.topk_lowest_index(scores, k)
+
+    assert torch.equal(columns, expected) and torch.equal(values, scores.gather(1, expected))
+
+
+def test_rows_prepared_once_in_threads_are_the_blocks_prepare_block_makes():
+    rows = gaussian_embeddings(1000, 40, seed=3) * 5 + 2
+
+    prepared = kernel.PreparedRows.of(rows, 128, "int8")
+
+    direct = [kernel.prepare_block(rows[start : start + 128], "int8") for start in range(0, 1000, 128)]
+    assert all(torch.equal(ours.exact, theirs.exact) and torch.equal(ours.screen, theirs.screen)
+               and (ours.scale, ours.rounding) == (theirs.scale, theirs.rounding)
+               for ours, theirs in zip(prepared.blocks, direct, strict=True))
+
+
+def test_a_search_of_prepared_rows_equals_the_search_of_raw_rows():
+    a, b = gaussian_embeddings(300, 24, seed=1), gaussian_embeddings(500, 24, seed=2)
+    raw = kernel.search(a, b, k=3, block_rows=128, top_pairs=20, band=1e-3, screen="int8")
+
+    prepared = kernel.search(kernel.PreparedRows.of(a, 128, "int8"), b, k=3, block_rows=128, top_pairs=20, band=1e-3)
+
+    assert all(torch.equal(getattr(raw, f.name), getattr(prepared, f.name)) for f in fields(kernel.SearchResult))
+
+
+def test_prepared_rows_of_another_block_size_are_refused():
+    a = kernel.PreparedRows.of(gaussian_embeddings(50, 8, seed=4), 16)
+
+    with pytest.raises(ValueError, match="block_rows"):
+        kernel.search(a, gaussian_embeddings(40, 8, seed=5), k=1, block_rows=32)
