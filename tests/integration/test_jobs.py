@@ -44,7 +44,11 @@ def mlflow_runs(cluster) -> dict:
     experiment = client.get_experiment_by_name(localcluster.EXPERIMENT)
     if experiment is None:
         return {}
-    return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id], max_results=1000)}
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    names = [run.info.run_name for run in runs]
+    # keyed by name, two runs of one name would look like one: a rerun that duplicates its runs must fail here
+    assert len(names) == len(set(names)), sorted(name for name in names if names.count(name) > 1)
+    return {run.info.run_name: run for run in runs}
 
 
 def test_pipeline_job_succeeds(pipeline_job):
