@@ -113,3 +113,7 @@ def test_privacy_filter_removes_exactly_the_flagged_copies(audited, tmp_path):
 
     released = set(shards.load_split(str(tmp_path / "released"), "train", ["sample_id"])["sample_id"].to_pylist())
     assert (counts["removed"], released) == (len(flagged), generated_ids - flagged)
+    # not vacuous: the generator's verbatim copies of training images are among what the filter took out
+    ingested = pq.read_table(f"{audited['out']}/synthetic-dataset/train").to_pylist()
+    verbatim = {row["sample_id"] for row in ingested if row["source"] in audited["copied"]}
+    assert len(verbatim) == len(audited["copied"]) == 3 and verbatim <= flagged and not verbatim & released
