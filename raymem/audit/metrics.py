@@ -2,8 +2,10 @@
 
 Inputs are nearest-neighbour results of the all-pairs search (raymem.search): float32 scores, which are exact to
 well within ``DECISION_BAND``. Every decision whose score lies within ``DECISION_BAND`` of a threshold, and every
-score that decides a threshold, is recomputed in float64 first (``Neighbours.refine_near``), so the figures are
-those of a float64 computation.
+score that decides a threshold, is recomputed in float64 first (``Neighbours.refine_near``), so thresholds,
+decisions, shares and their intervals are those of a float64 computation. Scores that decide nothing (score
+summaries, best scores in matches.parquet, the per-patient and top-pair scores) stay at the float32 search's
+precision, within about 3e-8.
 
 Definitions (Dar et al., PAPER.md): a training sample is *memorized* when some synthetic sample correlates with
 it strictly above the threshold; a synthetic sample is a *copy* when its best training match does; a training
