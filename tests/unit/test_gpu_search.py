@@ -3,8 +3,10 @@
 The pure-torch tiled method is tested always. The Triton methods are tested only where they can
 run: on a CUDA device with triton, or on CPU through Triton's interpreter when triton is importable
 (this module sets TRITON_INTERPRET=1 before importing raymem.search.gpu when no GPU is present).
-The parametrisation lists only the available implementations, so nothing is skipped: without
-triton, only the torch cases exist. Interpreted cases take about a second each.
+The parametrisation lists only the available implementations: without triton only the torch cases exist, and
+``test_the_triton_kernels_are_tested_here`` is skipped with its reason (``-ra`` shows it). The test extra installs
+triton (3.9: its CPU interpreter runs these kernels; 3.6's fails on numpy 2), so CI runs them. Interpreted cases
+take about a second each.
 """
 
 import os
@@ -29,6 +31,8 @@ if gpu.triton_runs_on(DEVICE):
         pytest.param({"method": "fused", "precision": "tf32x3", "tiling": SMALL_TILES}, id="fused-tf32x3"),
         pytest.param({"method": "fused", "precision": "tf32", "tiling": SMALL_TILES}, id="fused-tf32-rescored"),
         pytest.param({"method": "mm_reduce", "tiling": SMALL_TILES, "max_scores_in_memory": 20 * 48}, id="mm_reduce"),
+        # the tiling CUDA runs by default (DEFAULT_TILINGS, chosen on an H200): tiles larger than these inputs
+        pytest.param({"method": "fused", "precision": "tf32x3"}, id="fused-tf32x3-default-tiling"),
     ]
 
 
@@ -116,3 +120,10 @@ def test_reduced_precision_needs_the_fused_method():
 
     with pytest.raises(ValueError, match="needs method 'fused'"):
         gpu.topk_both_ways(queries, references, k=2, method="torch", precision="bf16")
+
+
+def test_the_triton_kernels_are_tested_here():
+    if not gpu.triton_runs_on(DEVICE):
+        pytest.skip("triton is not installed: the fused Triton kernels are not tested on this machine "
+                    "(pip install the test extra, which pins triton for its CPU interpreter)")
+    assert any("fused" in str(param.id) for param in IMPLEMENTATIONS)
