@@ -40,5 +40,9 @@ demo: setup
 local-cluster: setup
 	$(BIN)/raymem local-cluster --out $(LOCAL_OUT)$(if $(KEEP), --keep)
 
+# Mutation testing (mutmut) of one module: make mutation MODULE=raymem/audit/statistics.py TESTS="tests/unit/..."
+mutation: setup
+	tools/mutation.sh $(MODULE) $(TESTS)
+
 clean:
 	rm -rf $(DEMO_OUT) $(LOCAL_OUT) .pytest_cache
