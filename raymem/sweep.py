@@ -149,7 +149,9 @@ class StudyConfig(_Strict):
                     "each trial counted at its peak: its driver (trial_cpus), the largest of its stages (LDM Train "
                     "workers, sampling actors, embedding actors) and one CPU for its Ray Data tasks "
                     "(docs/cluster.md)")
-    trial_cpus: float = Field(default=1.0, ge=0, description="CPUs held by each trial's driver (audit, sampling)")
+    trial_cpus: float = Field(default=1.0, gt=0, description="CPUs held by each trial's driver (audit, sampling); more "
+                                                             "than 0 (Ray Tune places no trial that holds nothing), "
+                                                             "fractions allowed")
     max_trial_failures: int = Field(default=0, ge=0, description="Tune retries of a crashed trial")
 
     @model_validator(mode="after")

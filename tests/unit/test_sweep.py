@@ -64,6 +64,7 @@ def test_a_trial_keeps_its_audited_checkpoints_and_the_latest_only():
     ({"seeds": [0, 1], "ldm": {**BASE["ldm"], "seed": 3}}, "ldm.seed"),
     ({"seeds": [0, 1], "sample": {"seed": 3}}, "sample.seed"),
     ({"sample": {"n": 12}}, "sample.n"),  # fewer samples than the 16-image trial trained on
+    ({"trial_cpus": 0}, "trial_cpus"),  # Ray Tune cannot place a trial that holds no resource
 ])
 def test_bad_study_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
