@@ -46,6 +46,15 @@ STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
 NULL_STAGES = ("train-null-ldm", "sample-null")  # the generator-null calibration; skipped without a null section
 EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
 TRACKED_STAGES = ("train-detector", "train-ldm", "train-null-ldm", "audit")  # the stages that log to MLflow
+# The shared stages a rerun (or another sweep of one study) reuses when their output exists, so each records the
+# settings it was made from (<root>/stages/<run_name>/<stage>.json) and refuses to be reused under other settings.
+# Left out: settings that change how a stage runs, not what it writes.
+RECORDED_STAGES = ("data", "train-detector", "embed")
+NOT_RECORDED = {
+    "train-detector": {"use_gpu", "cpus_per_worker", "checkpoint_every", "eval_every", "eval_max_images",
+                       "max_failures", "fail_at_epoch"},
+    "embed": {"batch_size", "num_actors", "use_gpu"},
+}
 
 
 class PhantomSource(_Strict):
@@ -199,6 +208,55 @@ class JobConfig(_Strict):
         return config.validate(model, {**base, **section, **derived})
 
 
+def stage_settings(job: JobConfig, stage: str) -> dict[str, Any]:
+    """What a recorded stage's output depends on, as dotted names: its own settings (validated, defaults filled in,
+    the derived paths and ``NOT_RECORDED`` left out) and those of the stages it reads from."""
+    if stage == "data":
+        return _dotted({"data": job.data.model_dump(mode="json"), "ingest": job.ingest_config().model_dump(mode="json")})
+    upstream = {"train-detector": "data", "embed": "train-detector"}[stage]
+    section = {"train-detector": "detector", "embed": "embed"}[stage]
+    derived = {"train-detector": {"dataset", "out", "run_name", "experiment"},
+               "embed": {"detector", "data", "out"}}[stage]
+    own = job.stage_config(stage, train_images=1).model_dump(mode="json", exclude=derived | NOT_RECORDED[stage])
+    return {**stage_settings(job, upstream), **_dotted({section: own})}
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _record_uri(job: JobConfig, stage: str) -> str:
+    return storage.join(job.root(), "stages", job.run_name, f"{stage}.json")
+
+
+def _check_reused(job: JobConfig, stage: str, output_uri: str) -> None:
+    """A recorded stage's existing output is reused only under the settings it was made from; else a ConfigError
+    names the settings that differ (names only: a value such as data.source may hold a patient's name)."""
+    record_uri = _record_uri(job, stage)
+    if not storage.exists(record_uri):
+        print(f"{stage}: {output_uri} has no record of the settings it was made from (made before raymem recorded "
+              "them): reused unchecked", flush=True)
+        return
+    made_with = json.loads(storage.read_bytes(record_uri))
+    now = json.loads(json.dumps(stage_settings(job, stage)))  # through JSON, as recorded: tuples become lists
+    changed = sorted(name for name in made_with.keys() | now.keys() if made_with.get(name) != now.get(name))
+    if changed:
+        raise ConfigError(f"{changed[0]}: {stage} of run {job.run_name!r} was made with other settings "
+                          f"({', '.join(changed)} differ), and a rerun reuses its output {output_uri}; rerun with "
+                          "the settings it was made with, or give the job (or study) a new name, or delete that "
+                          "output and what was made from it")
+
+
+def _record(job: JobConfig, stage: str) -> None:
+    storage.write_bytes(_record_uri(job, stage), json.dumps(stage_settings(job, stage), indent=2).encode())
+
+
 def _train_images(dataset_uri: str) -> int:
     from raymem.data import shards
 
@@ -233,9 +291,11 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
         return {"skipped": "no null section"}
     if stage == "data":
         if _done(storage.join(paths["dataset"], shards.MANIFEST), stage, paths["dataset"]):
+            _check_reused(job, stage, paths["dataset"])
             return {"dataset": paths["dataset"]}
         from raymem.data.ingest import ingest, phantom_dataset
 
+        _record(job, stage)  # before the output commits: a committed output always has its record
         if job.data.phantoms is not None:
             summary = phantom_dataset(paths["dataset"], **job.data.phantoms.model_dump(), cfg=job.ingest_config())
         else:
@@ -245,9 +305,11 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
     if stage == "train-detector":
         if storage.exists(paths["detector"]):
             print(f"{stage}: already done, {paths['detector']}", flush=True)
+            _check_reused(job, stage, paths["detector"])
             return {"detector": paths["detector"]}
         from raymem.train.detector import train_detector
 
+        _record(job, stage)
         result = train_detector(job.stage_config(stage))
         return {"detector": result["detector"], "mlflow_run_id": result["run_id"]}
     if stage == "embed":
@@ -255,7 +317,9 @@ def run_stage(job: JobConfig, stage: str) -> dict[str, Any]:
 
         marker = storage.join(paths["embeddings"], EMBEDDED_MARKER)
         if _done(marker, stage, paths["embeddings"]):
+            _check_reused(job, stage, paths["embeddings"])
             return {"embeddings": paths["embeddings"]}
+        _record(job, stage)
         rows = embed_dataset(job.stage_config(stage))
         storage.write_bytes(marker, json.dumps(rows).encode())
         return {"embeddings": paths["embeddings"], "rows": rows}
