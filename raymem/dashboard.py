@@ -365,10 +365,11 @@ def _colours(count: int) -> list:
     return [colormaps["viridis"](index / (count - 1)) for index in range(count)]
 
 
-def _outside_legend(figure: Figure, handles: list[Line2D], title: str) -> None:
-    """One legend for all panels, right of them, so it never hides data."""
-    figure.legend(handles=handles, title=title, loc="outside right upper", fontsize=8, title_fontsize=9,
-                  ncols=1 if len(handles) <= 20 else 2)
+def _outside_legend(figure: Figure, handles: list[Line2D], title: str, loc: str = "outside right upper") -> None:
+    """One legend for all panels, outside them (right, or below), so it never hides data or the title."""
+    below = loc.startswith("outside lower")
+    figure.legend(handles=handles, title=title, loc=loc, fontsize=8, title_fontsize=9,
+                  ncols=(min(len(handles), 2) if below else 1 if len(handles) <= 20 else 2))
 
 
 def _draw_with_interval(ax, xs: list[float], means: list[SeedMean], colour, *,
@@ -402,7 +403,7 @@ def _factor_figure(sweep: Sweep, factor: str) -> Figure:
     colours = _colours(len(order))
     position = {level: index for index, level in enumerate(sweep.levels[factor])}
 
-    figure = Figure(figsize=(11, 4.5), dpi=FIGURE_DPI, layout="constrained")
+    figure = Figure(figsize=(11, 5), dpi=FIGURE_DPI, layout="constrained")
     figure.suptitle(f"Memorization against {factor} (each trial at its last audit; band: 95 % interval over seeds)")
     axes = figure.subplots(1, len(FACTOR_PANELS))
     for ax, (metric, y_label) in zip(axes, FACTOR_PANELS):
@@ -421,7 +422,7 @@ def _factor_figure(sweep: Sweep, factor: str) -> Figure:
         ax.grid(alpha=0.3)
     labels = [", ".join(f"{name}={level}" for name, level in zip(others, combo)) or "all trials" for combo in order]
     _outside_legend(figure, [Line2D([], [], color=colour, marker="o", label=label)
-                             for label, colour in zip(labels, colours)], "other factors")
+                             for label, colour in zip(labels, colours)], "other factors", loc="outside lower center")
     return figure
 
 
