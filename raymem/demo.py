@@ -27,6 +27,7 @@ DEMO_PSEUDONYM_KEY = "raymem-demo-phantoms"
 SCALES = {  # --scale: (job config, phantom image side in pixels, default patients)
     "cpu": (CONFIGS / "demo-xray2d.yaml", 32, 200),
     "gpu": (CONFIGS / "demo-xray2d-gpu.yaml", 64, 2000),
+    "smoke": (CONFIGS / "demo-xray2d-smoke.yaml", 32, 40),  # every stage, least work: checks the pipeline (CI)
 }
 
 
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-out", help="output folder (replaced)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                         help="cpu: 32x32, tiny models, 200 patients (minutes on 2 cores); gpu: 64x64, larger "
-                             "models, 2000 patients, GPU workers")
+                             "models, 2000 patients, GPU workers; smoke: every stage with the least work (about 2 "
+                             "min; its figures mean nothing)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: 200 cpu, 2000 gpu)")
     parser.add_argument("--images-per-patient", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
