@@ -5,7 +5,9 @@
    (``open_split``, no augmentation, float32 numpy batches) against reading the same shards directly with pyarrow
    (also to float32), same run.
 
-    .venv/bin/python benchmarks/ingest.py [--quick] [--out results.json]
+3. The same stream dealt to 1, 2 and 4 consumer actors at once (``streaming_split``, as Ray Train deals it).
+
+    .venv/bin/python benchmarks/ingest.py [--quick] [--stream-only] [--consumers 1 2 4] [--out results.json]
 """
 
 from __future__ import annotations
@@ -76,20 +78,50 @@ def bench_stream(dataset: Path, repeats: int = 3) -> dict:
             / timings["pyarrow"]["images_per_s"]}
 
 
+def bench_stream_consumers(dataset: Path, consumers: list[int], repeats: int = 3) -> dict:
+    """Images/s of one ``open_split`` stream dealt to k consumers as Ray Train deals it to k workers
+    (``streaming_split``, ordered), each a Ray actor that turns its batches into float32 numpy, for each k."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    class Consumer:
+        def count(self, part) -> int:
+            return sum(len(batch["image"]) for batch in part.iter_batches(batch_size=1024, batch_format="numpy"))
+
+    n = shards.read_manifest(str(dataset))["splits"]["train"]["images"]
+    results = {}
+    for k in consumers:
+        actors = [Consumer.remote() for _ in range(k)]
+        best = float("inf")
+        for attempt in range(repeats + 1):  # the first pass warms the workers and the file cache
+            started = time.perf_counter()
+            parts = open_split(str(dataset), "train").streaming_split(k, equal=False)
+            assert sum(ray.get([actor.count.remote(part) for actor, part in zip(actors, parts)])) == n
+            if attempt:
+                best = min(best, time.perf_counter() - started)
+        for actor in actors:
+            ray.kill(actor)
+        results[str(k)] = {"seconds": best, "images_per_s": n / best}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", help="write the figures as JSON here too")
+    parser.add_argument("--stream-only", action="store_true", help="skip the ingest figures")
+    parser.add_argument("--consumers", type=int, nargs="*", default=[1, 2, 4],
+                        help="stream to k consumers at once (streaming_split), for each k")
     args = parser.parse_args()
     runtime.init_ray()
     scale = 0.1 if args.quick else 1.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "ingest_2d": bench_ingest(work, "xray2d", int(500 * scale), 4, 64, "png"),
-            "ingest_3d": bench_ingest(work, "ct3d", int(100 * scale), 1, 64, "nifti"),
-        }
+        results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                   "load_average_before": os.getloadavg()}
+        if not args.stream_only:
+            results["ingest_2d"] = bench_ingest(work, "xray2d", int(500 * scale), 4, 64, "png")
+            results["ingest_3d"] = bench_ingest(work, "ct3d", int(100 * scale), 1, 64, "nifti")
         # Streaming on larger sets (generated straight to shards) so pipeline start-up does not dominate.
         for key, kind, patients, size in (("stream_2d", "xray2d", int(5000 * scale), 64),
                                           ("stream_3d", "ct3d", int(300 * scale), 64)):
@@ -97,8 +129,13 @@ def main() -> None:
             phantom_dataset(str(dataset), kind, patients=patients, images_per_patient=4 if kind == "xray2d" else 1,
                             size=size, seed=1, cfg=config.IngestConfig(val_fraction=0.0, test_fraction=0.0))
             results[key] = bench_stream(dataset)
+            if args.consumers:
+                results[key]["consumers"] = bench_stream_consumers(dataset, args.consumers)
+        results["load_average_after"] = os.getloadavg()
+    print(f"machine: {results['machine']}; load average before {results['load_average_before']}, "
+          f"after {results['load_average_after']}")
     print("| figure | value |\n|---|---|")
-    for key in ("ingest_2d", "ingest_3d"):
+    for key in ("ingest_2d", "ingest_3d") if not args.stream_only else ():
         r = results[key]
         for attempt in ("cold", "warm"):
             a = r[attempt]
@@ -110,6 +147,9 @@ def main() -> None:
               f"({r['pyarrow']['mb_per_s']:.0f} MB/s) |")
         print(f"| {key} Ray Data open_split | {r['ray_data']['images_per_s']:.0f} images/s "
               f"({r['ray_data']['mb_per_s']:.0f} MB/s); ratio {r['ray_over_pyarrow']:.2f}x |")
+        for k, c in r.get("consumers", {}).items():
+            print(f"| {key} open_split dealt to {k} consumer actor(s) | {c['images_per_s']:.0f} images/s "
+                  f"({c['images_per_s'] / r['pyarrow']['images_per_s']:.2f}x pyarrow) |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

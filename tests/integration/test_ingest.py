@@ -235,3 +235,35 @@ def test_reader_refuses_a_dataset_without_manifest(tmp_path):
 
     with pytest.raises(shards.DatasetError, match="no manifest.json"):
         shards.read_manifest(str(tmp_path / "ds"))
+
+
+def test_streamed_images_are_the_stored_ones_in_stored_order_with_or_without_ids(ray_cluster, tmp_path,
+                                                                                  monkeypatch):
+    # open_split reads sample_id only where it is used; every path must give the stored images, in stored order.
+    from raymem.data.ingest import phantom_dataset
+    from raymem.data.stream import open_split
+
+    monkeypatch.setattr(shards, "TARGET_ROW_GROUP_BYTES", 32 * 16 * 16 * 2)  # 32 float16 16x16 images per shard
+    dataset = str(tmp_path / "ds")
+    phantom_dataset(dataset, "xray2d", patients=30, images_per_patient=3, size=16, seed=4,
+                    cfg=config.IngestConfig(spatial_dims=2, size=(16, 16), val_fraction=0.0, test_fraction=0.0))
+    stored = [batch for batch in shards.iter_split(dataset, "train", ["sample_id", "image"])]
+    ids = [sample_id for batch in stored for sample_id in batch.column("sample_id").to_pylist()]
+    images = np.concatenate([shards.images_of(batch).astype(np.float32) for batch in stored])
+    subset = ids[5:70:3]
+
+    def streamed(**options) -> dict[str, np.ndarray]:
+        batches = list(open_split(dataset, "train", **options).iter_batches(batch_size=16, batch_format="numpy"))
+        return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+    images_only = streamed()
+    with_ids = streamed(columns=("image", "sample_id"))
+    of_subset = streamed(columns=("image", "sample_id"), sample_ids=subset)
+
+    assert len(shards.split_files(dataset, "train")) > 1  # several shards: order across files is checked too
+    assert set(images_only) == {"image"} and images_only["image"].dtype == np.float32
+    np.testing.assert_array_equal(images_only["image"], images)
+    np.testing.assert_array_equal(with_ids["image"], images)
+    assert list(with_ids["sample_id"]) == ids
+    assert list(of_subset["sample_id"]) == subset
+    np.testing.assert_array_equal(of_subset["image"], images[[ids.index(i) for i in subset]])
