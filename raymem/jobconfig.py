@@ -46,10 +46,9 @@ STORAGE_ROOT_ENV = "RAYMEM_STORAGE_ROOT"
 NULL_STAGES = ("train-null-ldm", "sample-null")  # the generator-null calibration; skipped without a null section
 EMBEDDED_MARKER = "rows.json"  # written last by the embed stage: rows per split
 TRACKED_STAGES = ("train-detector", "train-ldm", "train-null-ldm", "audit")  # the stages that log to MLflow
-# The shared stages a rerun (or another sweep of one study) reuses when their output exists, so each records the
-# settings it was made from (<root>/stages/<run_name>/<stage>.json) and refuses to be reused under other settings.
-# Left out: settings that change how a stage runs, not what it writes.
-RECORDED_STAGES = ("data", "train-detector", "embed")
+# The shared stages (data, train-detector, embed), which a rerun or another sweep of one study reuses when their
+# output exists, record the settings they were made from (<root>/stages/<run_name>/<stage>.json) and refuse to be
+# reused under others. Not recorded: settings that change how a stage runs, not what it writes.
 NOT_RECORDED = {
     "train-detector": {"use_gpu", "cpus_per_worker", "checkpoint_every", "eval_every", "eval_max_images",
                        "max_failures", "fail_at_epoch"},
@@ -212,7 +211,8 @@ def stage_settings(job: JobConfig, stage: str) -> dict[str, Any]:
     """What a recorded stage's output depends on, as dotted names: its own settings (validated, defaults filled in,
     the derived paths and ``NOT_RECORDED`` left out) and those of the stages it reads from."""
     if stage == "data":
-        return _dotted({"data": job.data.model_dump(mode="json"), "ingest": job.ingest_config().model_dump(mode="json")})
+        return _dotted({"data": job.data.model_dump(mode="json"),
+                        "ingest": job.ingest_config().model_dump(mode="json")})
     upstream = {"train-detector": "data", "embed": "train-detector"}[stage]
     section = {"train-detector": "detector", "embed": "embed"}[stage]
     derived = {"train-detector": {"dataset", "out", "run_name", "experiment"},
