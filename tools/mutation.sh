@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of one module of the compute core with mutmut (pinned in constraints.txt): small faults are
-# put into a copy of the committed tree (git archive HEAD, so the working tree and its venv are left alone) and the
-# module's tests must fail on each. Prints mutmut's per-mutant results and the killed share.
+# put into a copy of the working tree's source files (tracked and new files git does not ignore: new tests count
+# before they are committed; .venv and outputs stay behind) and the module's tests must fail on each. Prints mutmut's per-mutant results and the killed share.
 #   tools/mutation.sh MODULE TEST_FILE...      e.g. tools/mutation.sh raymem/audit/statistics.py tests/unit/test_seed_statistics.py
 # Results and timings per module are in docs/testing.md. Not in CI: a module takes minutes to an hour on 2 cores.
 set -euo pipefail
@@ -11,7 +11,8 @@ root=$(git rev-parse --show-toplevel)
 bin="$root/.venv/bin"
 "$bin/python" -c "import mutmut" 2>/dev/null || "$bin/pip" install -q -c "$root/constraints.txt" mutmut
 work=$(mktemp -d /tmp/raymem-mutation.XXXX)
-git -C "$root" archive HEAD | tar -x -C "$work"
+git -C "$root" ls-files -z --cached --others --exclude-standard \
+  | tar -C "$root" -c --null -T - --ignore-failed-read -f - 2>/dev/null | tar -x -C "$work"
 cd "$work"
 sed -i 's/^addopts = .*/addopts = "-p no:logging"/' pyproject.toml   # mutmut drives pytest's reporting itself
 {
