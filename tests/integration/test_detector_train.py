@@ -5,10 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from raymem import config, storage
 from raymem.embed import embed_dataset
-from raymem.train.detector import train_detector
+from raymem.train.detector import STATE_FILE, train_detector
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,12 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_logs_one_finished_run(ray_c
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert sorted(epochs_logged) == [0, 1, 2]  # each epoch once: resumed from epoch 0's checkpoint, not restarted
     assert "detector.copy_strong_auc" in runs[0].data.metrics
+    # The optimiser state resumed with the weights: Adam's step count after three epochs is three times the count
+    # saved after the first (a fresh optimiser after the restore would hold two epochs' steps).
+    adam_steps = [{int(param["step"]) for param in torch.load(
+        tmp_path / "out" / "detector" / "det" / f"epoch-{epoch:05d}" / STATE_FILE,
+        weights_only=True)["optimizer"]["state"].values()} for epoch in (0, 2)]
+    assert len(adam_steps[0]) == 1 and adam_steps[1] == {3 * adam_steps[0].pop()}
 
 
 def test_3d_training_resumes_after_a_crash_then_embeddings_have_the_schema_and_count(ray_cluster, tmp_path,

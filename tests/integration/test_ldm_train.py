@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from raymem import config, storage
 from raymem.data import shards
 from raymem.generate import sample_run, saved_epochs
-from raymem.train.ldm import TRAINING_IDS_FILE, train_ldm
+from raymem.train.ldm import STATE_FILE, TRAINING_IDS_FILE, train_ldm
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,11 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+def _adam_steps(optimizer_state: dict) -> set[int]:
+    """The step counts Adam holds for its parameters (one value when every parameter was stepped alike)."""
+    return {int(param["step"]) for param in optimizer_state["state"].values()}
+
+
 def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tmp_path, make_phantom_dataset):
     dataset = make_phantom_dataset("xray2d", patients=12, per_patient=2)
     out = str(tmp_path / "out")
@@ -55,6 +61,13 @@ def test_2d_training_survives_a_crash_in_epoch_2_and_losses_fall(ray_cluster, tm
     assert saved_epochs(result["run"]) == [1, 3]
     assert recon[1] < recon[0] and diffusion[3] < diffusion[2]
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples-epoch-00003.png"]
+    # The optimiser state resumed too: the autoencoder's Adam counts both of its epochs' steps (the crash fell in
+    # its second), as many as the UNet's Adam for its two uninterrupted epochs; a fresh optimiser after the
+    # restore would count one epoch's steps only.
+    state = torch.load(f"{result['run']}/epoch-00003/{STATE_FILE}", map_location="cpu", weights_only=True)
+    autoencoder_steps, unet_steps = _adam_steps(state["autoencoder_optimizer"]), _adam_steps(state["unet_optimizer"])
+    assert len(unet_steps) == 1 and unet_steps.pop() > 0
+    assert autoencoder_steps == _adam_steps(state["unet_optimizer"])
 
 
 def test_3d_training_then_sampling_any_saved_epoch(ray_cluster, tmp_path, make_phantom_dataset):
