@@ -168,14 +168,61 @@ def test_the_parent_run_holds_the_training_size_verdicts_over_both_seeds(resumed
             for name in ("pct_memorized_train", "pct_copies")} == {"pct_memorized_train": 2.0, "pct_copies": 2.0}
 
 
-def test_a_crashed_trial_ends_failed_and_the_sweep_says_so(resumed_sweep, study_env, tmp_path):
+def _child_figures(client, run, metric: str = "memorization.pct_copies") -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+
+
+@pytest.fixture(scope="module")
+def crashed_then_retried(resumed_sweep, study_env, tmp_path_factory):
+    """A one-trial sweep whose LDM worker dies in the first diffusion epoch (no Tune retry), then the same command
+    rerun: the crashed trial is retried from its checkpoint. Both early-stopping rules are on at their tightest: a
+    copies budget of 0 % and a stop after one rise."""
     study = yaml.safe_load(CONFIG.read_text())
-    study.update(sweep="crash", factors={"train_size": [8]}, seeds=[0])
-    study["ldm"].update(fail_at_epoch=1, max_failures=0)  # a worker dies in the first diffusion epoch
-    config = tmp_path / "crash.yaml"
+    study.update(sweep="crash", factors={"train_size": [8]}, seeds=[0],
+                 early_stop={"max_pct_copies": 0.0, "rising_audits": 1})
+    study["ldm"].update(fail_at_epoch=1, max_failures=0)  # a worker dies in the first diffusion epoch, once
+    config = tmp_path_factory.mktemp("crash") / "crash.yaml"
     config.write_text(yaml.safe_dump(study))
-    result = subprocess.run(_sweep_command(config), cwd=REPO, env=study_env["env"], capture_output=True, text=True,
-                            timeout=600)
-    _, parents, children = _runs(study_env["mlflow"], "crash")
-    assert (result.returncode, [run.info.status for run in children], parents[0].info.status) == (
-        1, ["FAILED"], "FAILED"), (result.stdout + result.stderr)[-5000:]
+
+    def sweep_once() -> dict:
+        result = subprocess.run(_sweep_command(config), cwd=REPO, env=study_env["env"], capture_output=True,
+                                text=True, timeout=600)
+        client, parents, children = _runs(study_env["mlflow"], "crash")
+        return {"result": result, "parents": [run.info.status for run in parents],
+                "children": [(run.data.tags["raymem.trial"], run.info.status) for run in children],
+                "tags": [run.data.tags for run in children],
+                "figures": [_child_figures(client, run) for run in children],
+                "epochs": [sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+                           for run in children]}
+
+    crashed = sweep_once()
+    return {"crashed": crashed, "retried": sweep_once(),
+            "trial_folder": study_env["root"] / "sweeps" / STUDY / "crash" / "trials" / "n8-aug0-tiny-e2-s0"}
+
+
+def test_a_crashed_trial_ends_failed_and_the_sweep_says_so(crashed_then_retried):
+    crashed = crashed_then_retried["crashed"]
+    assert (crashed["result"].returncode, [status for _, status in crashed["children"]], crashed["parents"]) == (
+        1, ["FAILED"], ["FAILED"]), (crashed["result"].stdout + crashed["result"].stderr)[-5000:]
+
+
+def test_rerunning_a_failed_sweep_retries_the_crashed_trial_in_the_same_runs(crashed_then_retried):
+    retried = crashed_then_retried["retried"]
+    assert (retried["result"].returncode, retried["children"], retried["parents"]) == (
+        0, [("n8-aug0-tiny-e2-s0", "FINISHED")], ["FINISHED"]), \
+        (retried["result"].stdout + retried["result"].stderr)[-5000:]
+
+
+def test_early_stopping_in_a_sweep_follows_its_rules_on_the_trials_own_figures(crashed_then_retried):
+    """The retried trial stops at its first audit with copies over the 0 % budget (a rise from 0 is one too), and
+    trains and audits nothing after it; with no copies at any audit (the tiny study's trials copy nothing) neither
+    rule may fire: 0 is not over a budget of 0, and equal figures are not a rise."""
+    [tags], [figures], [epochs] = (crashed_then_retried["retried"][key] for key in ("tags", "figures", "epochs"))
+    stop = next((epoch for epoch in AUDITED_EPOCHS if figures[epoch] > 0), None)
+    audited = AUDITED_EPOCHS[:AUDITED_EPOCHS.index(stop) + 1] if stop is not None else AUDITED_EPOCHS
+    trained = sorted(path.name for path in crashed_then_retried["trial_folder"].rglob("epoch-*")
+                     if (path / "ldm.pt").exists())
+    # Each epoch trained once: the autoencoder epoch before the crash, the diffusion epochs after the retry.
+    assert (tags.get("raymem.early_stopped_epoch"), sorted(figures), epochs, trained[-1]) == (
+        None if stop is None else str(stop), audited, list(range(audited[-1] + 1)), f"epoch-{audited[-1]:05d}"), \
+        (tags, figures)
