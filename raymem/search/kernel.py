@@ -259,7 +259,8 @@ class SearchResult:
     lowest index; k = min(requested k, m).
     col_scores (m,) float32 and col_indices (m,) int64: each B row's best A row, ties towards the lowest index.
     pair_scores (t,) float32, pair_rows (t,) int64 (A index), pair_cols (t,) int64 (B index): the largest pair
-    scores, best first (ties: lowest A index, then lowest B index); see ``search`` for which ones.
+    scores; see ``search`` for which ones. A whole search lists them best first (ties: lowest A index, then lowest
+    B index); one tile's part lists its candidates by (A index, B index), and the accumulator orders them.
     """
 
     row_scores: torch.Tensor

@@ -85,6 +85,14 @@ def reduce_strip(native: ctypes.CDLL, strip: torch.Tensor, k: int, chunk: int, r
     strip's dtype. bound: the tile's kernel.ScreenBound; slack: its reach slack."""
     assert strip.is_contiguous() and strip.dtype in _FUNCTIONS and k <= MAX_K, (strip.dtype, k)
     n_rows, width = strip.shape
+    for name, vector, length in (("row_floor", row_floor, n_rows), ("column_max", column_max, width),
+                                 ("column_floor", column_floor, width)):
+        # the C code reads these (and writes column_max in place) by the strip's shape: a vector of another length
+        # would be an out-of-bounds access, not an error
+        if vector.shape != (length,) or vector.dtype != strip.dtype:
+            raise ValueError(f"reduce_strip: {name} must be a ({length},) {strip.dtype} vector for a {n_rows} x "
+                             f"{width} strip, got {tuple(vector.shape)} {vector.dtype}")
+    assert column_max.is_contiguous(), "column_max is updated in place"
     row_floor, column_floor = row_floor.contiguous(), column_floor.contiguous()
     row_threshold = torch.empty(n_rows, dtype=strip.dtype)
     chunk_max = torch.empty((n_rows, width // chunk), dtype=strip.dtype)

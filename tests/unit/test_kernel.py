@@ -103,6 +103,21 @@ def test_the_fused_c_reduction_builds_here_and_gives_the_torch_reductions_result
     assert all(torch.equal(getattr(fused, f.name), getattr(plain, f.name)) for f in fields(kernel.SearchResult))
 
 
+@pytest.mark.parametrize("wrong", ["row_floor", "column_max", "column_floor"])
+def test_the_fused_c_reduction_refuses_a_threshold_vector_that_does_not_fit_the_strip(wrong):
+    """The C code indexes these vectors by the strip's shape: one element short would be read out of bounds
+    (a segfault, or a wrong candidate list), so it is an error before the call."""
+    strip = torch.randn(6, 2 * kernel.COLUMN_CHUNK, generator=torch.Generator().manual_seed(2))
+    vectors = {"row_floor": torch.full((6,), -torch.inf), "column_max": torch.full((strip.shape[1],), -torch.inf),
+               "column_floor": torch.full((strip.shape[1],), -torch.inf)}
+    vectors[wrong] = vectors[wrong][:-1]
+    bound = kernel.ScreenBound(inner=0.0, output=0.0, scale=1.0, dtype=torch.float32)
+
+    with pytest.raises(ValueError, match=f"{wrong} must be a \\({len(vectors[wrong]) + 1},\\) torch.float32"):
+        native.reduce_strip(native.load(), strip, 3, kernel.COLUMN_CHUNK, vectors["row_floor"],
+                            vectors["column_max"], vectors["column_floor"], bound, 0.0)
+
+
 def test_a_screen_score_outside_its_bound_is_an_error():
     a = kernel.prepare_block(torch.randn(20, 64, generator=torch.Generator().manual_seed(1)), "bfloat16")
     rows, cols = torch.arange(20), torch.arange(20)
