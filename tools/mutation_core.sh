@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Mutation testing of the whole compute core (`make mutation`): each module below with the unit tests that cover
+# it, one after the other through tools/mutation.sh; prints one summary line per module and writes them, with the
+# survivors, to out/mutation/. About 3 h on an idle 2-core machine, most of it search/kernel.py (1752 mutants):
+# not in CI. Figures and the survivors' reasons are in docs/testing.md ("Mutation testing with a tool").
+#   tools/mutation_core.sh               every module
+#   tools/mutation_core.sh verdicts      only the entries whose module path contains "verdicts"
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+u=tests/unit
+heldout=(  # the held-out copy tests without the one that trains an autoencoder (10 s a mutant)
+  "$u/test_heldout_copies.py::test_training_presets_hold_none_of_the_heldout_families"
+  "$u/test_heldout_copies.py::test_detector_training_can_only_choose_transform_bounds_presets"
+  "$u/test_heldout_copies.py::test_every_heldout_copy_differs_from_its_source"
+  "$u/test_heldout_copies.py::test_every_heldout_copy_is_closest_to_its_own_source"
+  "$u/test_heldout_copies.py::test_heldout_copies_stay_within_each_image_range"
+  "$u/test_heldout_copies.py::test_heldout_copies_repeat_with_the_same_seed_and_change_with_another"
+  "$u/test_heldout_copies.py::test_heldout_families_copy_volumes_through_the_same_code"
+)
+detector_transforms=(  # test_detector.py's transform tests, not its 47 s training test
+  "$u/test_detector.py::test_transforms_repeat_with_the_same_seed_and_differ_with_another"
+  "$u/test_detector.py::test_sampled_copy_parameters_stay_within_their_bounds"
+  "$u/test_detector.py::test_transform_with_every_parameter_off_returns_the_images"
+  "$u/test_detector.py::test_a_90_degree_rotation_is_rot90_and_a_flip_mirrors_the_last_axis"
+  "$u/test_detector.py::test_rotation_is_in_pixel_units_on_a_non_square_image"
+  "$u/test_detector.py::test_blur_keeps_a_constant_image_constant"
+  "$u/test_detector.py::test_transform_bounds_reject_a_probability_above_one"
+)
+deid_tests="$u/test_formats.py $u/test_ingest_plan.py $u/test_deidentify_mutants.py"
+# module | mutants (mutmut names; empty: all of the module's) | test files and node ids
+core=(
+  "raymem/audit/statistics.py||$u/test_seed_statistics.py $u/test_audit_reference.py $u/test_verdicts.py
+   $u/test_metrics.py $u/test_statistics_simulation.py $u/test_memorized_rate_jackknife.py
+   $u/test_statistics_mutants.py"
+  "raymem/audit/verdicts.py||$u/test_verdicts.py $u/test_verdicts_mutants.py"
+  "raymem/models/copy_transforms.py||${detector_transforms[*]} ${heldout[*]} $u/test_copy_transforms_mutants.py"
+  "raymem/data/transforms.py||$u/test_transforms.py $u/test_dicom_real.py ${heldout[*]} $u/test_transforms_mutants.py"
+  "raymem/data/formats.py|raymem.data.formats.x_pseudonymize__mutmut_* raymem.data.formats.x_pseudonym_key_from_env__mutmut_*
+   raymem.data.formats.x_patient_key_from_path__mutmut_*|$deid_tests"
+  "raymem/data/ingest.py|raymem.data.ingest.x__keyed_digest__mutmut_* raymem.data.ingest.x_safe_source__mutmut_*
+   raymem.data.ingest.x_path_patients__mutmut_* raymem.data.ingest.x_layout_warnings__mutmut_*|$deid_tests"
+  "raymem/search/kernel.py||$u/test_kernel.py $u/test_kernel_mutants.py"
+)
+mkdir -p out/mutation
+summary=out/mutation/summary.txt
+: > "$summary"
+for entry in "${core[@]}"; do
+  IFS='|' read -r module mutants tests <<< "$(tr '\n' ' ' <<< "$entry")"
+  [[ $# -eq 0 || $module == *"$1"* ]] || continue
+  name=$(basename "$module" .py)
+  # shellcheck disable=SC2086  # the test list is words by design
+  MUTANTS="$mutants" MUTATION_JOBS="${MUTATION_JOBS:-1}" tools/mutation.sh "$module" $tests \
+    | tee "out/mutation/$name.txt" | tail -1 | tee -a "$summary"
+done
+echo "summary: $summary; survivors per module: out/mutation/<module>.txt"
