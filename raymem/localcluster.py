@@ -105,7 +105,13 @@ def stop_tree(process: subprocess.Popen, grace_s: float = 15.0) -> None:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
-    for pid in [process.pid, *family, *(d for p in family for d in descendants(p))]:
+    kill_tree(process, [*family, *(d for p in family for d in descendants(p))])
+
+
+def kill_tree(process: subprocess.Popen, family: list[int] | None = None) -> None:
+    """SIGKILL the process and every descendant (or ``family``, found before it could be orphaned), with no chance
+    to clean up: a lost driver."""
+    for pid in [process.pid, *(descendants(process.pid) if family is None else family)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

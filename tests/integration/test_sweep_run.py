@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymem.localcluster import BIN, descendants
+from raymem.localcluster import BIN, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,6 @@ AUDITED_EPOCHS = [1, 2]  # 1 autoencoder epoch (0), then diffusion epochs 1 and 
 
 def _sweep_command(config: Path) -> list[str]:
     return [str(BIN / "raymem"), "sweep", "--config", str(config)]
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (its local Ray cluster too): a lost driver, no cleanup."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -72,7 +62,7 @@ def resumed_sweep(study_env):
             assert time.monotonic() < deadline, "no trial finished within 600 s"
             time.sleep(2)
             finished = sorted(trials_dir.glob("*/trial.json"))
-        _kill_tree(first)
+        kill_tree(first)
     finished_trial = finished[0].parent
     before = _files(finished_trial)
     second = subprocess.run(_sweep_command(CONFIG), cwd=REPO, env=study_env["env"], capture_output=True, text=True,
