@@ -10,10 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raymem import cli, config
+from raymem import cli, config, storage
 from raymem.data import shards
 from raymem.data.ingest import write_dataset
 
@@ -78,6 +80,53 @@ def test_an_audit_rerun_after_success_recomputes_into_the_same_folder(stages, mo
 
     again = json.loads((root / "audit" / "metrics.json").read_text())
     assert (code, again["n_train"], again["n_synthetic"]) == (0, first["n_train"], first["n_synthetic"])
+
+
+HEADLINE = ("n_train", "n_val", "n_synthetic", "n_copies", "n_memorized_train", "n_memorized_patients",
+            "threshold_copies", "threshold_memorized", "pct_copies", "pct_memorized_train", "pct_memorized_patients")
+
+
+def _embeddings(uri: str) -> dict[str, np.ndarray]:
+    """sample_id -> embedding of an embedding folder's Parquet parts (local or S3)."""
+    parts = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, name))), columns=["sample_id", "embedding"])
+             for name in storage.list_files(uri, (".parquet",))]
+    return {row["sample_id"]: np.asarray(row["embedding"]) for part in parts for row in part.to_pylist()}
+
+
+def test_phantom_files_the_image_audit_embed_and_filter_on_s3_give_the_local_results(stages, s3_bucket,
+                                                                                       monkeypatch):
+    """The README's stages with their images and outputs on S3 (the moto server): the same phantom files, the
+    same audit figures, embeddings and filtered dataset as the same stages run on local folders above."""
+    root, _ = stages
+    monkeypatch.chdir(root)
+    s3 = f"{s3_bucket}/stages"
+    codes = [cli.main(argv) for argv in (
+        ["phantoms", f"{s3}/generated", "--patients", "4", "--images-per-patient", "1", "--size", "32",
+         "--seed", "9", "--as-files"],
+        ["audit", "--dataset", "ds", "--synthetic", f"{s3}/generated", "--detector", DETECTOR, "--out",
+         f"{s3}/audit", "--top-k", "3"],
+        ["embed", "--detector", DETECTOR, "--data", "ds", "--out", f"{s3}/embeddings", "--splits", "train"],
+        ["filter", "--audit", f"{s3}/audit", "--synthetic", f"{s3}/audit/synthetic-dataset", "--out",
+         f"{s3}/released"],
+    )]
+
+    assert codes == [0, 0, 0, 0]
+    files = storage.list_files(f"{s3}/generated")
+    assert files == storage.list_files(str(root / "generated"))
+    assert all(storage.read_bytes(storage.join(f"{s3}/generated", name)) ==
+               (root / "generated" / name).read_bytes() for name in files)
+    on_s3, local = (json.loads(storage.read_bytes(storage.join(folder, "metrics.json")))
+                    for folder in (f"{s3}/audit", str(root / "audit")))
+    assert {key: on_s3[key] for key in HEADLINE} == pytest.approx({key: local[key] for key in HEADLINE}, rel=1e-6)
+    embedded, audited = _embeddings(f"{s3}/embeddings/train"), _embeddings(str(root / "audit" / "embeddings" / "train"))
+    assert sorted(embedded) == sorted(audited)
+    assert all(np.allclose(embedded[key], audited[key], atol=1e-5) for key in audited)
+    # The released images, by content (sample ids are keyed pseudonyms: each ingest of the samples draws its own).
+    on_s3, local = ({split: (info["images"], info["patients"],
+                             sorted(shards.load_split(folder, split, ["content_hash"]).column(0).to_pylist()))
+                     for split, info in shards.read_manifest(folder)["splits"].items()}
+                    for folder in (f"{s3}/released", str(root / "released")))
+    assert on_s3 == local and sum(images for images, _, _ in local.values()) > 0
 
 
 def test_an_audit_killed_while_embedding_restarts_cleanly(stages, monkeypatch):
