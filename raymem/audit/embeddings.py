@@ -114,7 +114,7 @@ class EmbeddingSource:
         """
         start = 0
         for file_uri in self.file_uris:
-            for batch in self._open(file_uri).iter_batches(batch_size=batch_rows, columns=["embedding"]):
+            for batch in self._file_batches(file_uri, batch_rows):
                 stop = start + batch.num_rows
                 wanted = None if rows is None else rows[(rows >= start) & (rows < stop)] - start
                 column = batch.column(0)
@@ -123,6 +123,17 @@ class EmbeddingSource:
                 ids = self.sample_ids[start:stop] if wanted is None else self.sample_ids[start:stop][wanted]
                 yield self._matrix(column, ids)
                 start = stop
+
+    def _file_batches(self, file_uri: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """One file's embedding column in batches. pyarrow cannot read back a null row of a fixed-size list column
+        (it fails with a bare "Expected all lists to be of size=..."): that becomes an error naming the file."""
+        try:
+            yield from self._open(file_uri).iter_batches(batch_size=batch_rows, columns=["embedding"])
+        except pa.ArrowInvalid as error:
+            raise ValueError(
+                f"{self.role} embeddings {file_uri}: the embedding column cannot be read ({error}); a null embedding "
+                "in a fixed-size list column reads like this: fix or drop the null rows"
+            ) from error
 
     def _matrix(self, column: pa.Array, ids: np.ndarray) -> np.ndarray:
         if column.null_count:
