@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the whole compute core (`make mutation`): each module below with the unit tests that cover
 # it, one after the other through tools/mutation.sh; prints one summary line per module and writes them, with the
-# survivors, to out/mutation/. About 3 h on an idle 2-core machine, most of it search/kernel.py (1752 mutants):
-# not in CI. Figures and the survivors' reasons are in docs/testing.md ("Mutation testing with a tool").
+# survivors, to out/mutation/. About 4 to 5 h on an idle 2-core machine, most of it search/kernel.py (1752 mutants)
+# and audit/embeddings.py (1798): not in CI. Figures and the survivors' reasons are in docs/testing.md ("Mutation testing with a tool").
 #   tools/mutation_core.sh               every module
 #   tools/mutation_core.sh verdicts      only the entries whose module path contains "verdicts"
 set -euo pipefail
@@ -28,12 +28,23 @@ detector_transforms=(  # test_detector.py's transform tests, not its 47 s traini
   "$u/test_detector.py::test_transform_bounds_reject_a_probability_above_one"
 )
 deid_tests="$u/test_formats.py $u/test_ingest_plan.py $u/test_deidentify_mutants.py"
+# audit/embeddings.py without _RayEngine and track_audit (Ray and MLflow: the integration tests' part)
+e=raymem.audit.embeddings
+embedding_mutants="$(printf "$e.xǁ%sǁ*__mutmut_* " EmbeddingSource PhaseClock _LocalSet _LocalEngine Subset _Sets)$(
+  printf "$e.x_%s__mutmut_* " _fixed_dim _require_unique _progress_bar evaluation_split read_inputs plant_embeddings \
+    read_planted search_against_train pairs_above expected_pairs_above run_audit _search planted_figures _pair_row \
+    _plant audit_metrics audit_warnings _label_figures matches_table _lists write_outputs numeric_items \
+    audit_embeddings)"
 # module | mutants (mutmut names; empty: all of the module's) | test files and node ids
 core=(
   "raymem/audit/statistics.py||$u/test_seed_statistics.py $u/test_audit_reference.py $u/test_verdicts.py
    $u/test_metrics.py $u/test_statistics_simulation.py $u/test_memorized_rate_jackknife.py
    $u/test_statistics_mutants.py"
   "raymem/audit/verdicts.py||$u/test_verdicts.py $u/test_verdicts_mutants.py"
+  "raymem/audit/metrics.py||$u/test_metrics.py $u/test_audit_reference.py $u/test_sweep_rules.py
+   $u/test_metrics_mutants.py"
+  "raymem/audit/embeddings.py|$embedding_mutants|$u/test_embeddings_mutants.py $u/test_audit_reference.py
+   $u/test_metrics.py"
   "raymem/models/copy_transforms.py||${detector_transforms[*]} ${heldout[*]} $u/test_copy_transforms_mutants.py"
   "raymem/data/transforms.py||$u/test_transforms.py $u/test_dicom_real.py ${heldout[*]} $u/test_transforms_mutants.py"
   "raymem/data/formats.py|raymem.data.formats.x_pseudonymize__mutmut_* raymem.data.formats.x_pseudonym_key_from_env__mutmut_*
