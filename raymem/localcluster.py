@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from raymem.runtime import LOCAL_CLUSTER_ENV
+
 BIN = Path(sys.executable).parent  # the environment's `ray`, `mlflow` and `moto_server`
 REPO = Path(__file__).resolve().parents[1]  # the checkout `ray job submit --working-dir .` uploads
 PIPELINE = "jobs/pipeline.py"
@@ -124,7 +126,7 @@ def service_env(node: dict[str, str] | None = None) -> dict[str, str]:
     credentials), with this environment's tools first on PATH, plus ``node``'s settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               **(node or {}))
+               **{name: env.get(name, value) for name, value in LOCAL_CLUSTER_ENV.items()}, **(node or {}))
     return env
 
 

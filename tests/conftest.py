@@ -10,11 +10,15 @@ import uuid
 
 import pytest
 
+from raymem.runtime import LOCAL_CLUSTER_ENV
+
 # Ray >= 2.59 enables token auth for local clusters; tests run a private local cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAYMEM_DASHBOARD", "0")  # many short local clusters: no dashboard each (raymem.runtime)
+# The clusters fixtures start themselves (ray.init, ray.cluster_utils) run as the CLI runs a local one.
+os.environ.update({name: os.environ.get(name, value) for name, value in LOCAL_CLUSTER_ENV.items()})
 
 
 @pytest.fixture(scope="session")
