@@ -876,6 +876,31 @@ def test_the_local_engine_holds_float32_rows_and_an_empty_set_as_no_rows():
     assert engine.rows(held, [4, 1]).tolist() == rows[[4, 1]].tolist()
 
 
+def test_the_local_engine_keeps_every_pair_within_the_decision_band_below_the_top_pairs_cut():
+    """The float64 re-check near a threshold needs the pairs that float32 puts just below the cut: one top pair asked
+    for, the pair 5e-4 below it comes too (DECISION_BAND is 1e-3); the pair 2e-3 below and the rest do not."""
+    columns = np.random.default_rng(13).standard_normal((8, 6))
+    # 6 orthonormal rows of zero mean (centred columns span a space orthogonal to the ones vector): the Pearson
+    # correlation of unit combinations of them is their dot product.
+    e = np.linalg.qr(columns - columns.mean(axis=0))[0].T
+    assert np.abs(e.mean(axis=1)).max() < 1e-12 and np.allclose(e @ e.T, np.eye(len(e)))
+
+    def unit(r, first, second):
+        return r * e[first] + np.sqrt(1 - r**2) * e[second]
+
+    queries = np.stack([e[0], e[1]])
+    reference = np.stack([unit(0.9, 0, 2), unit(0.8995, 1, 3), unit(0.898, 0, 4), e[5]])
+    engine = embeddings._LocalEngine(block_rows=2, progress=False)
+    query_set, reference_set = (engine.put([rows.astype(np.float32)], 8) for rows in (queries, reference))
+    engine.prepare(query_set), engine.prepare(reference_set)
+
+    result = engine.search(query_set, reference_set, k=1, top_pairs=1)
+
+    pairs = sorted(zip(result.pair_rows.tolist(), result.pair_cols.tolist(), result.pair_scores.tolist()))
+    assert [(row, col) for row, col, _ in pairs] == [(0, 0), (1, 1)], pairs
+    assert np.allclose([score for _, _, score in pairs], [0.9, 0.8995], atol=1e-6)
+
+
 def test_the_local_engines_float64_top_k_reads_every_block_of_the_reference():
     rng = np.random.default_rng(12)
     queries, reference = rng.standard_normal((6, 8)), rng.standard_normal((11, 8))
