@@ -79,12 +79,23 @@ def _quiet_local_workers() -> None:
 LOCAL_CLUSTER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def local_cpus() -> int:
+    """Logical CPUs of a local cluster: RAYMEM_LOCAL_CPUS, else twice the cores and at least 4."""
+    value = os.environ.get("RAYMEM_LOCAL_CPUS", "").strip()
+    if not value:
+        return max(4, 2 * (os.cpu_count() or 2))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"RAYMEM_LOCAL_CPUS: a whole number of logical CPUs >= 1 (got {value!r})")
+    return int(value)
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (``ray job submit`` sets it) or start a local one; then quiet Ray's output
     unless verbose.
 
-    A local cluster gets logical CPUs (twice the cores, at least 4): on small machines Ray Train workers that
-    take every CPU starve Ray Data and the pipeline hangs (DESIGN.md, stack decisions).
+    A local cluster gets logical CPUs (twice the cores, at least 4; RAYMEM_LOCAL_CPUS sets another count): on small
+    machines Ray Train workers that take every CPU starve Ray Data and the pipeline hangs (DESIGN.md, stack
+    decisions).
     """
     import ray
 
@@ -102,7 +113,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls: without it that
         # thread logs a warning every few seconds. RAYMEM_DASHBOARD=0 leaves it out (the tests do: many short clusters).
         dashboard = os.environ.get("RAYMEM_DASHBOARD", "1") != "0"
-        context = ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), include_dashboard=dashboard,
+        context = ray.init(num_cpus=num_cpus or local_cpus(), include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True)
         if dashboard and context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)

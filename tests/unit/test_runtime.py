@@ -65,3 +65,16 @@ def test_local_workers_get_ray_datas_own_logging_config_with_the_console_at_warn
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert written["handlers"]["console"]["level"] == "WARNING"
     assert {**written["handlers"], "console": DEFAULT_CONFIG["handlers"]["console"]} == DEFAULT_CONFIG["handlers"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", max(4, 2 * (os.cpu_count() or 2))), ("6", 6), (" 1 ", 1)])
+def test_a_local_cluster_gets_twice_the_cores_or_raymem_local_cpus(monkeypatch, value, expected):
+    monkeypatch.setenv("RAYMEM_LOCAL_CPUS", value)
+    assert runtime.local_cpus() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "many"])
+def test_a_bad_raymem_local_cpus_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("RAYMEM_LOCAL_CPUS", value)
+    with pytest.raises(ValueError, match=f"RAYMEM_LOCAL_CPUS: .*got '{value}'"):
+        runtime.local_cpus()
