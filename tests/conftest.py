@@ -21,6 +21,26 @@ os.environ.setdefault("RAYMEM_DASHBOARD", "0")  # many short local clusters: no 
 os.environ.update({name: os.environ.get(name, value) for name, value in LOCAL_CLUSTER_ENV.items()})
 
 
+# `make test` runs two pytest-xdist workers, each taking one test file at a time in collection order
+# (--dist loadfile --no-loadscope-reorder). Longest first, so no long file starts last and runs alone: the files
+# that took over 40 s in the sequential suite (fresh-clone run of 2026-12-05, 2-core machine), longest first.
+LONGEST_FIRST = (
+    "integration/test_sweep_run.py", "integration/test_determinism.py", "integration/test_demo.py",
+    "integration/test_jobs.py", "integration/test_sweep_cluster.py", "integration/test_cli_paths.py",
+    "integration/test_ldm_train.py", "integration/test_detector_train.py", "integration/test_cli_resume.py",
+    "integration/test_audit_images.py", "integration/test_ingest.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((at for at, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every file keeps its tests' order, the other files their collection order
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; sets the AWS_* variables raymem.storage reads. Yields the endpoint URL."""

@@ -21,7 +21,8 @@ import yaml
 
 from raymem.localcluster import BIN, kill_tree
 
-pytestmark = pytest.mark.slow
+# The killed-driver fixture runs two sweeps (about 330 s alone, 600 s beside a second test worker)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "study-tiny-xray2d.yaml"
