@@ -108,7 +108,7 @@ def distributed_figures(n: int, d: int, block_rows: int, repeats: int) -> dict:
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         a_set, b_set = distributed.put_blocks([a], block_rows, d), distributed.put_blocks([b], block_rows, d)
         distributed.search(a_set, b_set, k=TOP_K)  # workers start and import torch once

@@ -113,7 +113,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         # The dashboard serves Ray's State API, which Train V2's placement-group cleaner polls: without it that
         # thread logs a warning every few seconds. RAYMEM_DASHBOARD=0 leaves it out (the tests do: many short clusters).
         dashboard = os.environ.get("RAYMEM_DASHBOARD", "1") != "0"
-        context = ray.init(num_cpus=num_cpus or local_cpus(), include_dashboard=dashboard,
+        # address="local": a new cluster of its own, never another Ray that this machine last started (`ray start`,
+        # a test's cluster), which a plain ray.init() joins through /tmp/ray/ray_current_cluster.
+        context = ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True)
         if dashboard and context.dashboard_url:
             print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)

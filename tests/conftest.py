@@ -85,7 +85,7 @@ def ray_cluster(s3_server):
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
     # A stalled pipeline should fail the test, not hang it.
     DataContext.get_current().execution_no_progress_timeout_s = 120
     yield ray
