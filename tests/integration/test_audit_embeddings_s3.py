@@ -40,10 +40,17 @@ def test_audit_with_inputs_and_outputs_on_s3_equals_the_local_audit(s3_bucket, t
             for root in (f"{s3_bucket}/embeddings/{name}", str(tmp_path / name)):
                 storage.write_bytes(storage.join(root, f"part-{i:05d}.parquet"), part)
         inputs[name] = (f"{s3_bucket}/embeddings/{name}", str(tmp_path / name))
+    # Hand labels (the CLI's --labels) from S3 too: pairs of generated samples and training images.
+    labels = "synthetic_id,train_id,label\n" + "".join(
+        f"synthetic{i},train{3 * i},{'copy' if i % 2 else 'novel'}\n" for i in range(12))
+    for uri in (f"{s3_bucket}/labels.csv", str(tmp_path / "labels.csv")):
+        storage.write_bytes(uri, labels.encode())
     options = {"plant_copies": 10, "block_rows": 64, "progress": False}
 
-    audit_embeddings(*(inputs[name][0] for name in ("train", "val", "synthetic")), f"{s3_bucket}/audit", **options)
-    audit_embeddings(*(inputs[name][1] for name in ("train", "val", "synthetic")), str(tmp_path / "audit"), **options)
+    audit_embeddings(*(inputs[name][0] for name in ("train", "val", "synthetic")), f"{s3_bucket}/audit",
+                     labels_csv=f"{s3_bucket}/labels.csv", **options)
+    audit_embeddings(*(inputs[name][1] for name in ("train", "val", "synthetic")), str(tmp_path / "audit"),
+                     labels_csv=str(tmp_path / "labels.csv"), **options)
 
     outputs = [
         (json.loads(storage.read_bytes(storage.join(root, "metrics.json"))),
@@ -51,3 +58,4 @@ def test_audit_with_inputs_and_outputs_on_s3_equals_the_local_audit(s3_bucket, t
         for root in (f"{s3_bucket}/audit", str(tmp_path / "audit"))
     ]
     assert outputs[0] == outputs[1]
+    assert outputs[0][0]["labels"]["n_labels"] == 12, outputs[0][0]["labels"]
