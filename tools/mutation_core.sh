@@ -45,6 +45,9 @@ core=(
    $u/test_metrics_mutants.py"
   "raymem/audit/embeddings.py|$embedding_mutants|$u/test_embeddings_mutants.py $u/test_audit_reference.py
    $u/test_metrics.py"
+  "raymem/audit/quality.py||$u/test_quality.py $u/test_quality_reference.py $u/test_quality_mutants.py"
+  "raymem/audit/accuracy.py||$u/test_accuracy.py $u/test_heldout_accuracy.py
+   $u/test_accuracy_mutants.py"
   "raymem/models/copy_transforms.py||${detector_transforms[*]} ${heldout[*]} $u/test_copy_transforms_mutants.py"
   "raymem/data/transforms.py||$u/test_transforms.py $u/test_dicom_real.py ${heldout[*]} $u/test_transforms_mutants.py"
   "raymem/data/formats.py|raymem.data.formats.x_pseudonymize__mutmut_* raymem.data.formats.x_pseudonym_key_from_env__mutmut_*
