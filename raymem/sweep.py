@@ -537,8 +537,11 @@ def _run_trial(factors: dict[str, Any], study: StudyConfig, context: dict[str, A
                 tracked.client.set_tag(tracked.run_id, "raymem.early_stop_reason", reason)
                 tracking.log_metrics(tracked, {"early_stopped_epoch": epoch}, step=epoch)
                 break
-        storage.write_bytes(done_uri, json.dumps({"trial": trial.key, "factors": factors, "early_stop": stopped,
-                                                  "final": figures}, indent=2, default=str).encode())
+    # The done marker only once the MLflow run has ended FINISHED: a driver killed in between leaves no marker, and
+    # the rerun reopens the run, finds every checkpoint and audit written, and ends it; a marker written inside the
+    # run would leave a killed trial's run RUNNING for good.
+    storage.write_bytes(done_uri, json.dumps({"trial": trial.key, "factors": factors, "early_stop": stopped,
+                                              "final": figures}, indent=2, default=str).encode())
 
 
 def _local_copy(uri: str) -> str:
