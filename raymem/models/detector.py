@@ -267,16 +267,20 @@ def nt_xent_loss(
     """
     batch = z1.shape[0]
     assert z1.shape == z2.shape and z1.dim() == 2, (z1.shape, z2.shape)
+    # The patients are counted on the host: a check on the device tensors would make every GPU step wait on a read-back.
     if patient_ids is None:
+        n_patients = batch
         patient_codes = torch.arange(batch, device=z1.device)
     else:
         ids = patient_ids.cpu().numpy() if isinstance(patient_ids, torch.Tensor) else np.asarray(patient_ids)
         assert len(ids) == batch, (len(ids), batch)
-        patient_codes = torch.from_numpy(np.unique(ids, return_inverse=True)[1].reshape(-1)).to(z1.device)
+        patients, codes_on_host = np.unique(ids, return_inverse=True)
+        n_patients = len(patients)
+        patient_codes = torch.from_numpy(codes_on_host.reshape(-1)).to(z1.device)
+    if n_patients < 2:
+        raise ValueError("the batch holds images of one patient only: contrastive training needs at least two patients")
     codes = torch.cat([patient_codes, patient_codes])
     same_patient = codes[:, None] == codes[None, :]
-    if bool(same_patient.all()):
-        raise ValueError("the batch holds images of one patient only: contrastive training needs at least two patients")
     embeddings = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     logits = embeddings @ embeddings.T / temperature  # (2B, 2B)
     positive = same_patient & ~torch.eye(2 * batch, dtype=torch.bool, device=z1.device)

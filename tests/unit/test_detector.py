@@ -108,11 +108,20 @@ def test_moving_a_same_patient_image_closer_lowers_the_loss_and_a_different_pati
     assert (near < far) == same_patient
 
 
-def test_nt_xent_refuses_a_batch_of_one_patient():
-    z = torch.randn(4, 8)
+@pytest.mark.parametrize("patient_ids", [["p"] * 4, torch.tensor([7, 7, 7, 7]), None])
+def test_nt_xent_refuses_a_batch_of_one_patient(patient_ids):
+    z = torch.randn(4 if patient_ids is not None else 1, 8)  # without ids, one image is one patient
 
     with pytest.raises(ValueError, match="one patient"):
-        nt_xent_loss(z, z, patient_ids=["p"] * 4)
+        nt_xent_loss(z, z, patient_ids=patient_ids)
+
+
+def test_nt_xent_takes_two_patients_in_any_id_type():
+    z1, z2 = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+
+    losses = [nt_xent_loss(z1, z2, patient_ids=ids) for ids in (["a", "a", "b", "b"], torch.tensor([3, 3, 9, 9]))]
+
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 # --- training and embedding ------------------------------------------------------------------------------------
