@@ -56,10 +56,11 @@ FRECHET = "quality.frechet_distance"
 FRECHET_BASELINE = "quality.frechet_distance_real_baseline"
 DIVERSITY = "quality.ms_ssim_diversity"
 VAL_LOSS = "diffusion.val_fixed"
+TRAIN_LOSS = "diffusion.train_fixed"  # the fixed training batch's diffusion loss: did the trial train (verdicts)
 # Each audit's own 95 % interval of a headline figure (audit.<figure>_ci_lo / _ci_hi, raymem.audit.images).
 AUDIT_INTERVALS = {metric: (f"audit.{metric.split('.')[-1]}_ci_lo", f"audit.{metric.split('.')[-1]}_ci_hi")
                    for metric in (MEMORIZED, COPIES)}
-METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, FRECHET_BASELINE, DIVERSITY, VAL_LOSS,
+METRICS = (MEMORIZED, COPIES, PATIENTS, SHARED, FRECHET, FRECHET_BASELINE, DIVERSITY, VAL_LOSS, TRAIN_LOSS,
            *(bound for bounds in AUDIT_INTERVALS.values() for bound in bounds))
 # The metric of each figure the verdicts are given for.
 VERDICT_METRICS = {"pct_memorized_train": MEMORIZED, "pct_copies": COPIES}
@@ -218,7 +219,8 @@ class Sweep:
                        for figure, metric in VERDICT_METRICS.items()},
                 last={figure: trial.histories.get(metric, {}).get(last, math.nan)
                       for figure, metric in VERDICT_METRICS.items()},
-                first_epochs=trial.diffusion_epochs_trained(first), last_epochs=trial.diffusion_epochs_trained(last)))
+                first_epochs=trial.diffusion_epochs_trained(first), last_epochs=trial.diffusion_epochs_trained(last),
+                last_loss=trial.histories.get(TRAIN_LOSS, {}).get(last, math.nan)))
         return verdicts_core.factor_verdicts(runs, self.factors, tuple(VERDICT_METRICS))
 
 
@@ -579,9 +581,15 @@ def _verdict_table(verdicts: list[dict]) -> str:
              _escape(", ".join(f"{name}={level}" for name, level in entry["at"].items()) or "–"),
              _escape(entry["from"]), _escape(entry["to"]), _cell(entry["mean"], "{:+.1f}"),
              "–" if entry["lo"] is None else _escape(f"[{entry['lo']:+.1f}, {entry['hi']:+.1f}]"),
-             _cell(entry["n_seeds"], "{:d}"), _escape(entry["verdict"])] for entry in verdicts]
+             _cell(entry["n_seeds"], "{:d}"), _escape(_verdict_words(entry))] for entry in verdicts]
     return html_table(headers, rows, table_id="verdicts", number_columns={6, 7, 8},
                       empty_text="No factor has two levels measured at both ends yet.")
+
+
+def _verdict_words(entry: dict) -> str:
+    """The verdict, and the trials that did not train where it is confounded."""
+    untrained = entry.get("untrained") or []
+    return entry["verdict"] + (f" ({'; '.join(untrained)})" if untrained else "")
 
 
 def _cell(value, number_format: str | None) -> str:

@@ -680,17 +680,21 @@ def _summarise(study: StudyConfig, root: str, results, parent: tracking.TrackedR
 
 def verdict_metrics(verdicts: list[dict[str, Any]]) -> dict[str, float]:
     """Parent run metrics of the verdicts: verdict/<factor>/<figure>/<other factors>/{effect_mean, effect_lo,
-    effect_hi, n_seeds, shown} (shown: 1 for "shown", 0.5 for "same direction, not significant", 0 for "not shown";
-    other factors as name-level joined by "_", "all" when there are none); bounds only where they exist."""
+    effect_hi, n_seeds, shown, untrained_trials} (shown: 1 for "shown", 0.5 for "same direction, not significant", 0
+    for "not shown", absent where the verdict is confounded by a trial that did not train; untrained_trials: how many
+    compared trials did not train, only where some did; other factors as name-level joined by "_", "all" when there
+    are none); bounds only where they exist."""
     from raymem.audit.statistics import NOT_SHOWN, SAME_DIRECTION, SHOWN
+    from raymem.audit.verdicts import CONFOUNDED
 
-    scores = {SHOWN: 1.0, SAME_DIRECTION: 0.5, NOT_SHOWN: 0.0}
+    scores = {SHOWN: 1.0, SAME_DIRECTION: 0.5, NOT_SHOWN: 0.0, CONFOUNDED: None}
     figures = {}
     for entry in verdicts:
         at = "_".join(f"{name}-{level}" for name, level in entry["at"].items()) or "all"
         prefix = f"verdict/{entry['factor']}/{entry['figure']}/{at}"
         values = {"effect_mean": entry["mean"], "effect_lo": entry["lo"], "effect_hi": entry["hi"],
-                  "n_seeds": entry["n_seeds"], "shown": scores[entry["verdict"]]}
+                  "n_seeds": entry["n_seeds"], "shown": scores[entry["verdict"]],
+                  "untrained_trials": len(entry.get("untrained", [])) or None}
         figures.update({f"{prefix}/{name}": value for name, value in values.items() if value is not None})
     return figures
 

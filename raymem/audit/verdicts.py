@@ -8,6 +8,11 @@ factors' levels, how a figure moved from the factor's first level to its last: t
 interval, and ``statistics.verdict`` against the paper's direction (``PAPER_DIRECTIONS``). Training length is also
 read inside each trial (``TRAINING_LENGTH``: its last audit minus its first, seed by seed), as the sweep audits
 shorter lengths without retraining.
+
+A comparison is only read as evidence where every trial in it trained: a diffusion UNet whose fixed-batch training
+loss is still at or above ``UNTRAINED_LOSS`` at its last audit did not fit its training set (a study's lr too high
+for a large preset does this), and its low memorization says the model failed, not that it memorizes less. Such an
+entry's verdict is ``CONFOUNDED`` and names the trials.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ PAPER_DIRECTIONS = {"train_size": "down", "augment": "down", "preset": "up", "di
                     TRAINING_LENGTH: "up"}
 # Model sizes from smallest to largest: the order of the preset names in the typed config.
 PRESET_ORDER = get_args(config.LDMTrainConfig.model_fields["preset"].annotation)
+# The noise a diffusion UNet predicts has unit variance, so predicting zero scores a loss of 1, and shrinking the
+# noisy latent x_t by a per-timestep scalar (sqrt(1 - alpha_bar_t) x_t) scores the mean of alpha_bar_t: 0.28 on
+# raymem's noise schedule (tests/unit/test_verdicts.py computes it). A trial still at or above UNTRAINED_LOSS at its
+# last audit has learnt less than that scalar: it did not train.
+UNTRAINED_LOSS = 0.5
+CONFOUNDED = "confounded: a compared trial did not train"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,19 @@ class SeedRun:
     last: Mapping[str, float]
     first_epochs: int
     last_epochs: int
+    last_loss: float = math.nan
+
+    @property
+    def untrained(self) -> bool:
+        """The trial's fixed-batch training diffusion loss at its last audit (``last_loss``; NaN when not logged:
+        not judged) is at or above UNTRAINED_LOSS."""
+        return self.last_loss >= UNTRAINED_LOSS
+
+    @property
+    def label(self) -> str:
+        """The trial as a verdict names it: its levels and seed."""
+        levels = ", ".join(f"{name}={level}" for name, level in self.levels.items())
+        return levels if self.seed is None else f"{levels}, seed {self.seed}"
 
 
 def ordered_levels(factor: str, values: Iterable[Any]) -> list[str]:
@@ -79,11 +103,13 @@ def _effect(before: Mapping[int | None, float], after: Mapping[int | None, float
                                     [after.get(seed, math.nan) for seed in seeds])
 
 
-def _entry(factor: str, figure: str, at: dict[str, str], first: str, last: str,
-           effect: statistics.SeedMean) -> dict[str, Any]:
+def _entry(factor: str, figure: str, at: dict[str, str], first: str, last: str, effect: statistics.SeedMean,
+           compared: Iterable[SeedRun]) -> dict[str, Any]:
     direction = PAPER_DIRECTIONS[factor]
+    untrained = sorted({run.label for run in compared if run.untrained})
+    verdict = CONFOUNDED if untrained else statistics.verdict(effect, direction)
     return {"factor": factor, "figure": figure, "direction": direction, "at": at, "from": first, "to": last,
-            **effect.as_dict(), "verdict": statistics.verdict(effect, direction)}
+            **effect.as_dict(), "verdict": verdict, "untrained": untrained}
 
 
 def factor_verdicts(runs: Sequence[SeedRun], factors: Sequence[str],
@@ -97,8 +123,9 @@ def factor_verdicts(runs: Sequence[SeedRun], factors: Sequence[str],
     Returns, factor by factor (training length last), combination by combination, figure by figure:
     {"factor", "figure", "direction" ("up" / "down"), "at" {other factor: level}, "from", "to" (the levels, or
     for training length the diffusion epochs trained, compared), "mean", "lo", "hi" (the effect, to minus from,
-    in the figure's units, with its 95 % interval), "n_seeds", "sd", "verdict"}. Only combinations measured at
-    both ends are listed.
+    in the figure's units, with its 95 % interval), "n_seeds", "sd", "verdict", "untrained" (the compared trials
+    that did not train, by ``SeedRun.label``: the verdict is then CONFOUNDED)}. Only combinations measured at both
+    ends are listed.
     """
     order = {name: ordered_levels(name, (run.levels.get(name) for run in runs)) for name in factors}
     entries = []
@@ -126,11 +153,12 @@ def _level_effects(runs: Sequence[SeedRun], factor: str, factors: Sequence[str],
     first, last = order[factor][0], order[factor][-1]
     entries = []
     for at, members in _combinations(runs, [name for name in factors if name != factor], order):
+        compared = [run for run in members if run.levels.get(factor) in (first, last)]
         for figure in figures:
             before, after = (_by_seed((run.seed, run.last.get(figure, math.nan)) for run in members
                                       if run.levels.get(factor) == level) for level in (first, last))
             if before and after:
-                entries.append(_entry(factor, figure, at, first, last, _effect(before, after)))
+                entries.append(_entry(factor, figure, at, first, last, _effect(before, after), compared))
     return entries
 
 
@@ -143,7 +171,7 @@ def _length_effects(runs: Sequence[SeedRun], factors: Sequence[str], order: Mapp
         for figure in figures:
             before = _by_seed((run.seed, run.first.get(figure, math.nan)) for run in members)
             after = _by_seed((run.seed, run.last.get(figure, math.nan)) for run in members)
-            entries.append(_entry(TRAINING_LENGTH, figure, at, *span, _effect(before, after)))
+            entries.append(_entry(TRAINING_LENGTH, figure, at, *span, _effect(before, after), members))
     return entries
 
 

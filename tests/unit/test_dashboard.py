@@ -15,7 +15,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from raymem.audit.statistics import SAME_DIRECTION
+from raymem.audit.statistics import SAME_DIRECTION, SHOWN
+from raymem.audit.verdicts import CONFOUNDED
 from raymem.dashboard import (COPIES, FRECHET, FRECHET_BASELINE, MEMORIZED, Trial, _factor_figure, _per_epoch_figure,
                               build_dashboard, read_sweep)
 
@@ -310,3 +311,38 @@ def test_the_verdicts_are_written_as_json_and_logged_to_the_parent_run(seeded_st
     assert [(entry["at"]["train_size"], entry["from"], entry["to"], entry["mean"], entry["n_seeds"],
              math.isclose(entry["lo"], entry["hi"])) for entry in training_length] == [
         ("8", "2", "4", 20.0, 2, True), ("16", "2", "4", 10.0, 2, False)]
+
+
+def test_a_model_size_verdict_names_the_trial_whose_unet_did_not_train(store, tmp_path):
+    # tiny against paper2d over 2 seeds; paper2d seed 1's fixed-batch diffusion loss is still 0.98 at its last audit
+    # (global epoch 5), though it had fallen to 0.4 at its first: the verdict is read at the last.
+    client, experiment = store["client"], "untrained-study"
+    exp_id = client.create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent_id = client.create_run(exp_id, run_name="sweep/sizes",
+                                  tags={"raymem.kind": "sweep", "raymem.sweep": "sizes"}).info.run_id
+    client.log_param(parent_id, "factors", "preset")
+    for preset, seed, copies, losses in (("tiny", 0, 60.0, (0.3, 0.05)), ("tiny", 1, 62.0, (0.3, 0.04)),
+                                         ("paper2d", 0, 80.0, (0.3, 0.1)), ("paper2d", 1, 5.0, (0.4, 0.98))):
+        key = f"n16-aug0-{preset}-e4-s{seed}"
+        run_id = client.create_run(exp_id, run_name=key, tags={
+            "mlflow.parentRunId": parent_id, "raymem.kind": "trial", "raymem.sweep": "sizes",
+            "raymem.trial": key}).info.run_id
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(name, value, stamp, epoch) for epoch, figure in ((3, 10.0), (5, copies))
+                   for name, value in ((MEMORIZED, figure), (COPIES, figure))]
+        metrics += [Metric("diffusion.train_fixed", loss, stamp, epoch) for epoch, loss in zip((3, 5), losses)]
+        params = {"factor.preset": preset, "seed": str(seed), "autoencoder_epochs": str(AUTOENCODER_EPOCHS)}
+        client.log_batch(run_id, metrics=metrics, params=[Param(name, value) for name, value in params.items()])
+        client.set_terminated(run_id, status="FINISHED")
+
+    built = build_dashboard(experiment, str(tmp_path / "dashboard"), tracking_uri=store["uri"])
+    page = (Path(built["out"]) / "index.html").read_text(encoding="utf-8")
+    verdicts = {(row[0], row[1], row[3]): row[-1] for row in TableRows(page, "verdicts").rows if row}
+
+    assert verdicts == {
+        ("preset", "pct_memorized_train", "–"): f"{CONFOUNDED} (preset=paper2d, seed 1)",
+        ("preset", "pct_copies", "–"): f"{CONFOUNDED} (preset=paper2d, seed 1)",
+        ("training_length", "pct_memorized_train", "preset=tiny"): SHOWN,
+        ("training_length", "pct_copies", "preset=tiny"): SHOWN,
+        ("training_length", "pct_memorized_train", "preset=paper2d"): f"{CONFOUNDED} (preset=paper2d, seed 1)",
+        ("training_length", "pct_copies", "preset=paper2d"): f"{CONFOUNDED} (preset=paper2d, seed 1)"}

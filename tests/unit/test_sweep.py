@@ -7,6 +7,7 @@ import pytest
 import numpy as np
 
 from raymem.audit.simulation import write_embeddings
+from raymem.audit.verdicts import CONFOUNDED
 from raymem.config import ConfigError, validate
 from raymem.sweep import StudyConfig, _Trial, audit_epochs, trial_key, trials_at_once, verdict_metrics
 
@@ -190,3 +191,14 @@ def test_verdicts_become_parent_run_metrics_with_the_other_factors_in_their_name
     assert verdict_metrics([entry]) == {"verdict/train_size/pct_copies/augment-False/effect_mean": -20.0,
                                         "verdict/train_size/pct_copies/augment-False/n_seeds": 1,
                                         "verdict/train_size/pct_copies/augment-False/shown": 0.5}
+
+
+def test_a_verdict_confounded_by_an_untrained_trial_logs_no_score_but_the_count_of_such_trials():
+    entry = {"factor": "preset", "figure": "pct_copies", "direction": "up", "at": {}, "from": "tiny",
+             "to": "paper2d", "mean": -50.0, "lo": -80.0, "hi": -20.0, "n_seeds": 3, "sd": 12.0,
+             "verdict": CONFOUNDED, "untrained": ["preset=paper2d, seed 0", "preset=paper2d, seed 2"]}
+    assert verdict_metrics([entry]) == {"verdict/preset/pct_copies/all/effect_mean": -50.0,
+                                        "verdict/preset/pct_copies/all/effect_lo": -80.0,
+                                        "verdict/preset/pct_copies/all/effect_hi": -20.0,
+                                        "verdict/preset/pct_copies/all/n_seeds": 3,
+                                        "verdict/preset/pct_copies/all/untrained_trials": 2}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from raymem.audit.statistics import NOT_SHOWN, SAME_DIRECTION, SHOWN
-from raymem.audit.verdicts import SeedRun, factor_verdicts, ordered_levels
+from raymem.audit.verdicts import CONFOUNDED, UNTRAINED_LOSS, SeedRun, factor_verdicts, ordered_levels
 
 T_975_2DF = 4.302652729749464  # Student-t 97.5 % quantile, 2 degrees of freedom (3 seeds)
 T_975_1DF = 12.706204736174696  # 1 degree of freedom (2 seeds)
@@ -92,3 +93,57 @@ def test_model_sizes_are_ordered_by_size_not_by_name():
 
 def test_a_factor_with_one_level_gets_no_verdict():
     assert only(factor_verdicts([run(0, 50, preset="tiny"), run(1, 60, preset="tiny")], ["preset"]), "preset") == []
+
+
+# --- trials that did not train ------------------------------------------------------------------------------------
+
+
+def sized(seed: int, last: float, preset: str, loss: float) -> SeedRun:
+    """A model-size trial with its fixed-batch training diffusion loss at its last audit."""
+    return SeedRun(levels={"preset": preset}, seed=seed, first={"pct_copies": 0.0}, last={"pct_copies": last},
+                   first_epochs=10, last_epochs=40, last_loss=loss)
+
+
+def test_the_untrained_loss_lies_between_a_per_timestep_shrinkage_and_predicting_zero_noise():
+    # Predicting zero unit-variance noise scores 1; eps_hat = sqrt(1 - alpha_bar_t) x_t scores alpha_bar_t, whose
+    # mean over raymem's schedule is what a UNet that learnt anything beats.
+    from raymem.models.ldm import noise_scheduler
+
+    shrinkage = float(noise_scheduler().alphas_cumprod.mean())
+
+    assert shrinkage == pytest.approx(0.2754, abs=1e-4) and shrinkage < UNTRAINED_LOSS < 1.0
+
+
+def test_a_larger_model_that_did_not_train_confounds_the_model_size_verdict_and_is_named():
+    # paper2d "memorizes less" in both seeds, but seed 1's UNet stayed at a loss of 0.98 (predicting ~zero noise).
+    runs = [sized(0, 60, "tiny", 0.02), sized(1, 70, "tiny", 0.03),
+            sized(0, 10, "paper2d", 0.2), sized(1, 0, "paper2d", 0.98)]
+
+    [entry] = factor_verdicts(runs, ["preset"], ("pct_copies",))[:1]
+
+    assert (entry["factor"], entry["verdict"], entry["untrained"], entry["mean"]) == (
+        "preset", CONFOUNDED, ["preset=paper2d, seed 1"], pytest.approx(-60.0))
+
+
+@pytest.mark.parametrize("loss, untrained", [(UNTRAINED_LOSS, True), (np.nextafter(UNTRAINED_LOSS, 0), False),
+                                             (math.nan, False)])
+def test_a_trial_is_untrained_from_the_threshold_up_and_not_judged_without_a_loss(loss, untrained):
+    runs = [sized(0, 60, "tiny", 0.02), sized(1, 70, "tiny", 0.03),
+            sized(0, 80, "paper2d", 0.02), sized(1, 95, "paper2d", loss)]  # effects +20, +25
+
+    [entry] = factor_verdicts(runs, ["preset"], ("pct_copies",))[:1]
+
+    assert (entry["verdict"], entry["untrained"]) == ((CONFOUNDED, ["preset=paper2d, seed 1"]) if untrained
+                                                      else (SAME_DIRECTION, []))
+
+
+def test_training_length_is_confounded_only_in_the_combination_whose_trial_did_not_train():
+    runs = [sized(0, 60, "tiny", 0.02), sized(1, 70, "tiny", 0.03),
+            sized(0, 10, "paper2d", 0.97), sized(1, 5, "paper2d", 0.99)]
+
+    entries = [entry for entry in factor_verdicts(runs, ["preset"], ("pct_copies",))
+               if entry["factor"] == "training_length"]
+
+    assert [(entry["at"], entry["verdict"], entry["untrained"]) for entry in entries] == [
+        ({"preset": "tiny"}, SHOWN, []),  # +60 and +70 copies from 10 to 40 epochs
+        ({"preset": "paper2d"}, CONFOUNDED, ["preset=paper2d, seed 0", "preset=paper2d, seed 1"])]
