@@ -69,6 +69,21 @@ def test_wilson_interval_of_none_or_all_is_clipped_to_zero_and_one():
     assert (none_hi, all_lo) == pytest.approx((textbook_wilson(0, 21)[1], textbook_wilson(16, 16)[0]), rel=1e-12)
 
 
+@pytest.mark.parametrize("n", range(1, 200))
+def test_wilson_interval_of_none_or_all_has_the_share_itself_as_its_bound(n):
+    """0 of 24 gives a lower bound of 2.8e-17 by the formula, an interval that misses its own share 0 (the held-out
+    copy benchmark's check caught it); every n is tried, with and without a design effect."""
+    for design_effect in (1.0, 2.5):
+        assert statistics.wilson_interval(0, n, design_effect=design_effect)[0] == 0.0
+        assert statistics.wilson_interval(n, n, design_effect=design_effect)[1] == 1.0
+
+
+@pytest.mark.parametrize("successes, n", [(0, 24), (24, 24), (1, 3), (7, 9), (0.4, 2)])
+def test_wilson_interval_holds_its_share(successes, n):
+    lo, hi = statistics.wilson_interval(successes, n, design_effect=1.7)
+    assert lo <= successes / n <= hi
+
+
 def test_a_design_effect_gives_the_interval_at_the_effective_size():
     """12 of 60 with design effect 2.5: Wilson at n = 24 with the same share (4.8 of 24)."""
     got = statistics.wilson_interval(12, 60, design_effect=2.5)
