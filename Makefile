@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 LOCAL_OUT ?= local-cluster-out
 SCALE ?= cpu
 
-.PHONY: setup test test-fast demo local-cluster browser clean
+.PHONY: setup test test-fast test-benchmarks demo local-cluster browser clean
 
 # torch first (the pinned CPU wheel): anything that pulls an unpinned torch would fetch gigabytes of CUDA.
 $(STAMP): pyproject.toml constraints.txt
@@ -30,10 +30,16 @@ browser:
 # Two workers on the 2-core machine: much of an integration test is waiting on Ray, MLflow and process starts.
 TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not benchmark"
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not benchmark"
+
+# Every script in benchmarks/ run end to end in its smallest mode (tests/benchmarks/): about 5 min on 2 cores (267 s
+# measured), so not in `make test`; CI runs both (.ci/run). One test per script, spread over the workers (loadgroup: a module
+# that runs its script once for several tests keeps to one worker).
+test-benchmarks: setup
+	$(BIN)/pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadgroup -m benchmark tests/benchmarks
 
 demo: setup
 	$(BIN)/python -m raymem.demo --out $(DEMO_OUT) --scale $(SCALE)

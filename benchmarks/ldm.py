@@ -9,12 +9,13 @@ real run rather than dominating a sub-second epoch; its wait for each epoch's fi
 figure is also given without it (the steady-state step loop). Overhead = plain / Ray - 1.
 Sampling: ``raymem sample`` end to end (one CPU actor, start-up included) against ``sample_images`` in-process.
 
-    .venv/bin/python benchmarks/ldm.py [--epochs 4] [--patients 160] [--threads 1] [--samples 32]
+    .venv/bin/python benchmarks/ldm.py [--epochs 4] [--patients 160] [--threads 1] [--samples 32] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -74,6 +75,7 @@ def main() -> None:
                         help="torch threads of both loops (the Ray worker's CPUs); on 2 cores a second thread gains "
                              "the plain loop nothing and the Ray worker loses ~40%% to Ray's own processes (measured)")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runtime.init_ray()
@@ -90,6 +92,7 @@ def main() -> None:
             "diffusion_epochs": args.epochs, "batch_size": BATCH, "num_workers": 1, "cpus_per_worker": args.threads,
             "grid_every": 10_000, "checkpoint_every": 10_000, "eval_max_images": 8}))
         rows = []
+        figures: dict[str, dict[str, float]] = {}  # --out: the table's numbers
         for stage in ("autoencoder", "diffusion"):
             ray_epochs = _ray_epoch_metric(out, f"{stage}.images_per_s")
             first_batch_s = _ray_epoch_metric(out, f"{stage}.first_batch_s")
@@ -97,6 +100,10 @@ def main() -> None:
             ray_steady = [seen / (seen / ips - wait_s) for ips, wait_s in zip(ray_epochs, first_batch_s)]
             plain_epochs = plain_before[stage] + _plain_epoch_images_per_s(images, stage, args.epochs)
             plain_ips = statistics.median(plain_epochs)
+            figures[stage] = {"ray_images_per_s": statistics.median(ray_epochs),
+                              "ray_images_per_s_after_first_batch": statistics.median(ray_steady),
+                              "plain_images_per_s": plain_ips, "first_batch_s": statistics.median(first_batch_s),
+                              "ray_epochs": len(ray_epochs), "plain_epochs": len(plain_epochs)}
             for name, ray_values in (("", ray_epochs), (", after the first batch", ray_steady)):
                 ray_ips = statistics.median(ray_values)
                 rows.append((f"train {stage}{name} (images/s; epochs' range)", f"{ray_ips:.1f} ({_range(ray_values)})",
@@ -113,6 +120,7 @@ def main() -> None:
         for first in range(0, args.samples, 16):
             core.sample_images(model, (32, 32), range(first, min(first + 16, args.samples)), ddim_steps=50)
         plain_sps = args.samples / (time.perf_counter() - started)
+        figures["sample"] = {"ray_samples_per_s": ray_sps, "plain_samples_per_s": plain_sps, "samples": args.samples}
         rows.append(("sample, 50 DDIM steps (samples/s)", f"{ray_sps:.1f}", f"{plain_sps:.1f}",
                      f"{plain_sps / ray_sps - 1:+.1%}"))
     print(f"tiny preset, 32x32 phantoms, {len(images)} training images, batch {BATCH}, {args.threads} torch threads, "
@@ -120,6 +128,9 @@ def main() -> None:
     print("| measure | Ray | plain PyTorch | overhead |\n|---|---|---|---|")
     for name, ray_value, plain_value, overhead in rows:
         print(f"| {name} | {ray_value} | {plain_value} | {overhead} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"training_images": len(images), "batch": BATCH, "threads": args.threads,
+                                              "epochs": args.epochs, **figures}, indent=2))
 
 
 if __name__ == "__main__":
