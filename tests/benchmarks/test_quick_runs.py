@@ -160,3 +160,21 @@ def test_gpu_search_dry_run_finds_every_top1_in_both_directions(tmp_path):
             assert (agreement["other"], agreement["identical"] + agreement["within_rounding"]) == (0, count), row
         assert math.isclose(row["pct_of_mm"], 100 * row["pairs_per_s"] / row["mm_pairs_per_s"], rel_tol=1e-6), row
 
+
+def test_diffusion_lr_trains_every_rate_from_the_same_unet_and_judges_it_by_the_untrained_loss(tmp_path):
+    from raymem.audit.verdicts import UNTRAINED_LOSS
+
+    out, plot = tmp_path / "lr.json", tmp_path / "lr.png"
+    printed = run_script("diffusion_lr", "--presets", "tiny", "--lrs", "2e-3", "1e-4", "--steps", "6", "--every", "4",
+                         "--autoencoder-steps", "2", "--threads", "1", "--plot", str(plot), out=out)
+    result = json.loads(out.read_text())
+    assert [(row["preset"], row["lr"]) for row in result["results"]] == [("tiny", 2e-3), ("tiny", 1e-4)]
+    for row in result["results"]:
+        assert [step for step, _ in row["curve"]] == [0, 4, 6]
+        assert row["last_loss"] == row["curve"][-1][1] and row["lowest_loss"] == min(loss for _, loss in row["curve"])
+        assert row["trained"] == (row["last_loss"] < UNTRAINED_LOSS)
+        assert f"{row['last_loss']:8.3f}" in printed
+    first, second = result["results"]
+    assert first["curve"][0] == second["curve"][0]  # one initialisation, one fixed batch: only the rate differs
+    assert first["curve"][1] != second["curve"][1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
