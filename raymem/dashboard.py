@@ -73,6 +73,7 @@ LAST_AUDIT_COLUMNS = (
     (FRECHET, "frechet_distance", "Frechet distance", "{:#.4g}"),
     (FRECHET_BASELINE, "frechet_distance_real_baseline", "Frechet distance, real baseline", "{:#.4g}"),
     (DIVERSITY, "ms_ssim_diversity", "MS-SSIM diversity", "{:.3f}"),
+    (TRAIN_LOSS, "diffusion_loss_train", "Diffusion loss, fixed training batch (did it train?)", "{:.3f}"),
 )
 # (metric, panel title, y label) of per_epoch.png, row by row.
 PER_EPOCH_PANELS = (
@@ -526,7 +527,9 @@ def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_ur
     title = f"raymem sweep {sweep} ({experiment})"
     number_columns = {index for index, (_, _, number_format) in enumerate(columns) if number_format}
     cells = [[_cell(row[key], number_format) for key, _, number_format in columns] for row in rows]
-    flagged = {index for index, row in enumerate(rows) if row["status"] != "FINISHED"}
+    # Failed trials, and trials whose UNet did not train (verdicts.UNTRAINED_LOSS), are shaded.
+    flagged = {index for index, row in enumerate(rows) if row["status"] != "FINISHED"
+               or (row["diffusion_loss_train"] or 0.0) >= verdicts_core.UNTRAINED_LOSS}
     table = html_table([header for _, header, _ in columns], cells, table_id="trials",
                    number_columns=number_columns, flagged_rows=flagged)
     figures = "\n".join(

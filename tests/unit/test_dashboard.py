@@ -346,3 +346,8 @@ def test_a_model_size_verdict_names_the_trial_whose_unet_did_not_train(store, tm
         ("training_length", "pct_copies", "preset=tiny"): SHOWN,
         ("training_length", "pct_memorized_train", "preset=paper2d"): f"{CONFOUNDED} (preset=paper2d, seed 1)",
         ("training_length", "pct_copies", "preset=paper2d"): f"{CONFOUNDED} (preset=paper2d, seed 1)"}
+    with open(Path(built["out"]) / "trials.csv", newline="", encoding="utf-8") as handle:
+        losses = {row["trial"]: float(row["diffusion_loss_train"]) for row in csv.DictReader(handle)}
+    assert losses == {"n16-aug0-tiny-e4-s0": 0.05, "n16-aug0-tiny-e4-s1": 0.04, "n16-aug0-paper2d-e4-s0": 0.1,
+                      "n16-aug0-paper2d-e4-s1": 0.98}
+    assert page.count('class="flagged"') == 1  # the untrained trial's row, shaded like a failed one
