@@ -529,7 +529,7 @@ def _render_page(*, experiment: str, sweep: str, parent_run_id: str, tracking_ur
     cells = [[_cell(row[key], number_format) for key, _, number_format in columns] for row in rows]
     # Failed trials, and trials whose UNet did not train (verdicts.UNTRAINED_LOSS), are shaded.
     flagged = {index for index, row in enumerate(rows) if row["status"] != "FINISHED"
-               or (row["diffusion_loss_train"] or 0.0) >= verdicts_core.UNTRAINED_LOSS}
+               or verdicts_core.did_not_train(row["diffusion_loss_train"])}
     table = html_table([header for _, header, _ in columns], cells, table_id="trials",
                    number_columns=number_columns, flagged_rows=flagged)
     figures = "\n".join(

@@ -42,6 +42,12 @@ UNTRAINED_LOSS = 0.5
 CONFOUNDED = "confounded: a compared trial did not train"
 
 
+def did_not_train(loss: float | None) -> bool:
+    """A fixed-batch training diffusion loss at a trial's last audit at or above UNTRAINED_LOSS; None or NaN (not
+    logged) is not judged."""
+    return loss is not None and loss >= UNTRAINED_LOSS
+
+
 @dataclass(frozen=True)
 class SeedRun:
     """One trial as the verdicts read it.
@@ -63,7 +69,7 @@ class SeedRun:
     def untrained(self) -> bool:
         """The trial's fixed-batch training diffusion loss at its last audit (``last_loss``; NaN when not logged:
         not judged) is at or above UNTRAINED_LOSS."""
-        return self.last_loss >= UNTRAINED_LOSS
+        return did_not_train(self.last_loss)
 
     @property
     def label(self) -> str:
