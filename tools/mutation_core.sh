@@ -35,6 +35,11 @@ embedding_mutants="$(printf "$e.xǁ%sǁ*__mutmut_* " EmbeddingSource PhaseClock 
     read_planted search_against_train pairs_above expected_pairs_above run_audit _search planted_figures _pair_row \
     _plant audit_metrics audit_warnings _label_figures matches_table _lists write_outputs numeric_items \
     audit_embeddings)"
+# audit/images.py without audit_images, _ingest_synthetic and detector_heldout_accuracy (Ray Data ingest and
+# embedding, a trained LDM) and audit_report (their outputs): the integration tests' part
+i=raymem.audit.images
+image_mutants="$(printf "$i.x_%s__mutmut_* " _is_dataset synthetic_as_dataset synthetic_ingest_config \
+  generator_training_set plant_copies images_by_id clear_outputs filter_copies)"
 # module | mutants (mutmut names; empty: all of the module's) | test files and node ids
 core=(
   "raymem/audit/statistics.py||$u/test_seed_statistics.py $u/test_audit_reference.py $u/test_verdicts.py
@@ -55,6 +60,9 @@ core=(
   "raymem/data/ingest.py|raymem.data.ingest.x__keyed_digest__mutmut_* raymem.data.ingest.x_safe_source__mutmut_*
    raymem.data.ingest.x_path_patients__mutmut_* raymem.data.ingest.x_layout_warnings__mutmut_*|$deid_tests"
   "raymem/search/kernel.py||$u/test_kernel.py $u/test_kernel_mutants.py"
+  "raymem/audit/images.py|$image_mutants|$u/test_images_mutants.py"
+  "raymem/audit/report.py||$u/test_report.py $u/test_audit_reference.py"
+  "raymem/audit/simulation.py||$u/test_statistics_simulation.py"
 )
 mkdir -p out/mutation
 summary=out/mutation/summary.txt

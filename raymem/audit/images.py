@@ -59,13 +59,23 @@ def synthetic_as_dataset(synthetic_uri: str, real_manifest: dict, work_uri: str)
             raise ValueError(f"synthetic images have shape {synthetic['image_shape']} but the dataset's are "
                              f"{real_manifest['image_shape']}: ingest them with the same --size")
         return synthetic_uri
+    return _ingest_synthetic(synthetic_uri, synthetic_ingest_config(real_manifest), work_uri)
+
+
+def synthetic_ingest_config(real_manifest: dict) -> IngestConfig:
+    """How a folder of synthetic images is ingested for an audit: with the real dataset's size and normalisation,
+    every image in one train split, and a file that cannot be read set aside rather than stopping the audit."""
+    return IngestConfig(**{**real_manifest["config"], "val_fraction": 0.0, "test_fraction": 0.0, "strict": False,
+                           "synthetic": True})
+
+
+def _ingest_synthetic(synthetic_uri: str, cfg: IngestConfig, work_uri: str) -> str:
+    """<work_uri>/synthetic-dataset ingested from a folder of images (a Ray Data job)."""
     from raymem.data.ingest import IngestError, ingest
 
-    settings = {**real_manifest["config"], "val_fraction": 0.0, "test_fraction": 0.0, "strict": False,
-                "synthetic": True}
     target = storage.join(work_uri, "synthetic-dataset")
     try:
-        summary = ingest(synthetic_uri, target, IngestConfig(**settings))
+        summary = ingest(synthetic_uri, target, cfg)
     except IngestError as err:  # e.g. no usable image: say which input of the audit it was
         raise IngestError(f"synthetic images {synthetic_uri}: {err}") from None
     log.info("synthetic images ingested: %d, set aside: %d", summary.ingested, summary.quarantined)
