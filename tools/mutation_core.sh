@@ -61,7 +61,7 @@ core=(
    raymem.data.ingest.x_path_patients__mutmut_* raymem.data.ingest.x_layout_warnings__mutmut_*|$deid_tests"
   "raymem/search/kernel.py||$u/test_kernel.py $u/test_kernel_mutants.py"
   "raymem/audit/images.py|$image_mutants|$u/test_images_mutants.py"
-  "raymem/audit/report.py||$u/test_report.py $u/test_audit_reference.py"
+  "raymem/audit/report.py||$u/test_report.py $u/test_audit_reference.py $u/test_report_mutants.py"
   "raymem/audit/simulation.py||$u/test_statistics_simulation.py"
 )
 mkdir -p out/mutation
