@@ -27,6 +27,12 @@ detector_transforms=(  # test_detector.py's transform tests, not its 47 s traini
   "$u/test_detector.py::test_blur_keeps_a_constant_image_constant"
   "$u/test_detector.py::test_transform_bounds_reject_a_probability_above_one"
 )
+simulation_harness=(  # test_statistics_simulation.py's run_audit checks, not its coverage studies (15 s a mutant)
+  "$u/test_statistics_simulation.py::test_the_simulation_harness_gives_run_audit_figures"
+  "$u/test_statistics_simulation.py::test_planted_samples_stay_out_of_the_headline"
+  "$u/test_statistics_simulation.py::test_fewer_than_ten_evaluation_patients_get_a_warning"
+  "$u/test_statistics_simulation.py::test_fewer_than_100_generated_samples_get_a_warning"
+)
 deid_tests="$u/test_formats.py $u/test_ingest_plan.py $u/test_deidentify_mutants.py"
 # audit/embeddings.py without _RayEngine and track_audit (Ray and MLflow: the integration tests' part)
 e=raymem.audit.embeddings
@@ -62,7 +68,7 @@ core=(
   "raymem/search/kernel.py||$u/test_kernel.py $u/test_kernel_mutants.py"
   "raymem/audit/images.py|$image_mutants|$u/test_images_mutants.py"
   "raymem/audit/report.py||$u/test_report.py $u/test_audit_reference.py $u/test_report_mutants.py"
-  "raymem/audit/simulation.py||$u/test_statistics_simulation.py"
+  "raymem/audit/simulation.py||$u/test_simulation_mutants.py ${simulation_harness[*]}"
 )
 mkdir -p out/mutation
 summary=out/mutation/summary.txt
