@@ -577,3 +577,31 @@ def test_topk_lowest_index_of_rows_tied_throughout_keeps_their_lowest_columns():
     values, columns = kernel.topk_lowest_index(torch.full((3, 5), 0.25, dtype=torch.float64), 2)
 
     assert columns.tolist() == [[0, 1]] * 3 and values.tolist() == [[0.25, 0.25]] * 3
+
+
+def test_topk_lowest_index_of_a_single_row_finds_its_best_columns():
+    values, columns = kernel.topk_lowest_index(torch.tensor([[0.1, 0.7, 0.3, 0.7]], dtype=torch.float64), 2)
+
+    assert (columns.tolist(), values.tolist()) == ([[1, 3]], [[0.7, 0.7]])
+
+
+def test_merging_many_tied_exact_parts_keeps_the_lowest_indices():
+    """k = 40 of 200 references with exact ties (+-1 rows): each merge sorts 80 candidates, where torch's unstable
+    CPU sort no longer keeps the index order of equal scores (it does below about 64)."""
+    queries, reference = sign_rows(6, 16, seed=49), sign_rows(200, 16, seed=50)
+    expected = np.argsort(-pearson(queries, reference), axis=1, kind="stable")[:, :40]
+    parts = [kernel.exact_topk(queries, [(start, reference[start:start + 50])], 40) for start in (150, 0, 100, 50)]
+
+    _, merged = kernel.merge_exact_topk(parts, 40)
+
+    assert np.array_equal(merged.numpy(), expected)
+
+
+def test_a_search_for_top_pairs_without_a_band_returns_exactly_that_many():
+    a_rows, b_rows = gaussian(30, 12, seed=51), gaussian(25, 12, seed=52)
+    scores = pearson(a_rows, b_rows).astype(np.float32)
+
+    found = kernel.search(a_rows, b_rows, k=1, top_pairs=7, block_rows=16, screen="float32")
+
+    pairs = set(zip(found.pair_rows.tolist(), found.pair_cols.tolist()))
+    assert pairs == largest_pairs(scores, 7, 0.0) and len(found.pair_scores) == 7
