@@ -6,6 +6,8 @@ screen's bound and its inversion, the tile's floors, padding and offsets, the CP
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -605,3 +607,161 @@ def test_a_search_for_top_pairs_without_a_band_returns_exactly_that_many():
 
     pairs = set(zip(found.pair_rows.tolist(), found.pair_cols.tolist()))
     assert pairs == largest_pairs(scores, 7, 0.0) and len(found.pair_scores) == 7
+
+
+# --- where the work runs: the native reduction, the workspace, the floors, the threads, the device ------------------
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call's keyword arguments are recorded (and the call still made)."""
+    calls, real = [], getattr(module, name)
+
+    def recording(*args, **kwargs):
+        calls.append({"thread": threading.get_ident(), "intra_op_threads": torch.get_num_threads(), **kwargs})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("k, native_reductions, expected", [
+    (3, True, True), (kernel.native.MAX_K, True, True), (kernel.native.MAX_K + 1, True, False), (3, False, False)])
+def test_a_cpu_tile_reduces_its_strips_natively_up_to_the_c_loops_k(monkeypatch, k, native_reductions, expected):
+    a, b = kernel.prepare_block(gaussian(20, 16, seed=53), "float32"), kernel.prepare_block(gaussian(70, 16, seed=54),
+                                                                                           "float32")
+    calls = count_calls(monkeypatch, kernel.native, "reduce_strip")
+
+    tile = kernel.search_tile(a, b, a_offset=0, b_offset=0, k=k, native_reductions=native_reductions)
+
+    expected_cols = np.argsort(-pearson(a.exact, b.exact).astype(np.float32), axis=1, kind="stable")[:, :k]
+    assert (bool(calls), np.array_equal(tile.row_indices.numpy(), expected_cols)) == (expected, True)
+
+
+def test_a_cpu_tile_takes_the_native_reduction_by_default(monkeypatch):
+    assert kernel.native.load() is not None, "the C reduction did not build (a C compiler is needed)"
+    a = kernel.prepare_block(gaussian(10, 16, seed=55), "float32")
+    calls = count_calls(monkeypatch, kernel.native, "reduce_strip")
+
+    kernel.search_tile(a, a, a_offset=0, b_offset=0, k=2)
+
+    assert len(calls) == 1
+
+
+def test_a_search_prepares_one_workspace_per_thread_and_passes_it_to_every_tile(monkeypatch):
+    made = count_calls(monkeypatch, kernel, "make_workspace")
+    tiles = count_calls(monkeypatch, kernel, "search_tile")
+
+    kernel.search(gaussian(24, 16, seed=56), gaussian(24, 16, seed=57), k=2, block_rows=8, workers=1,
+                  screen="float32")
+
+    workspaces = {id(call["workspace"]) for call in tiles}
+    assert (len(made), len(tiles), len(workspaces), None in [call["workspace"] for call in tiles]) == (1, 9, 1, False)
+
+
+def test_later_tiles_of_a_search_get_the_floors_earlier_tiles_found(monkeypatch):
+    """One worker; a tile is submitted once the tiles two places before it are merged (the pending bound), so the
+    third and fourth tile of one A block (B block) certainly see the k-th scores (best scores) the first found."""
+    tiles = count_calls(monkeypatch, kernel, "search_tile")
+
+    kernel.search(gaussian(8, 16, seed=58), gaussian(32, 16, seed=59), k=2, block_rows=8, workers=1, screen="float32")
+    kernel.search(gaussian(32, 16, seed=58), gaussian(8, 16, seed=59), k=2, block_rows=8, workers=1, screen="float32")
+
+    finite = [(bool(torch.isfinite(call["row_floor"]).all()), bool(torch.isfinite(call["column_floor"]).all()))
+              for call in tiles]
+    one_a_block, one_b_block = finite[:4], finite[4:]
+    assert ([rows for rows, _ in one_a_block[2:]], [cols for _, cols in one_a_block]) == ([True, True], [False] * 4)
+    assert ([rows for rows, _ in one_b_block], [cols for _, cols in one_b_block[2:]]) == ([False] * 4, [True, True])
+
+
+def test_a_search_runs_its_tiles_on_the_given_workers_each_with_one_intra_op_thread(monkeypatch):
+    real = kernel.search_tile
+    calls = []
+
+    def slow_tile(*args, **kwargs):
+        calls.append((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.05)  # long enough that every worker takes a tile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "search_tile", slow_tile)
+    with kernel._intra_op_threads(2):
+        kernel.search(gaussian(16, 16, seed=60), gaussian(32, 16, seed=61), k=2, block_rows=8, workers=2,
+                      screen="float32")
+
+    assert (len(calls), len({thread for thread, _ in calls}), {threads for _, threads in calls}) == (8, 2, {1})
+
+
+def test_map_blocks_defaults_to_the_cpu():
+    assert kernel.map_blocks(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
+
+
+def test_the_accumulator_and_the_workspace_live_on_the_given_device():
+    """The meta device stands in for a GPU: a tensor made without the device would land on the CPU."""
+    meta = torch.device("meta")
+
+    accumulator = kernel.SearchAccumulator(5, 6, 2, top_pairs=3, device=meta)
+    workspace = kernel.make_workspace(10, meta)
+    empty = kernel._concat([], meta)
+
+    tensors = [value for value in vars(accumulator).values() if isinstance(value, torch.Tensor)]
+    tensors += [workspace.scores, workspace.product, *empty]
+    assert (len(tensors), {tensor.device.type for tensor in tensors}) == (13, {"meta"})
+    assert kernel.SearchAccumulator(1, 1, 1).col_scores.device.type == "cpu"
+
+
+def test_the_accumulated_result_has_int64_indices_and_float32_scores():
+    a_rows, b_rows = gaussian(10, 16, seed=62), gaussian(12, 16, seed=63)
+    accumulator = kernel.SearchAccumulator(10, 12, 3, top_pairs=4)
+    a = kernel.prepare_block(a_rows, "float32")
+    for start in (0, 6):
+        b = kernel.prepare_block(b_rows[start:start + 6], "float32")
+        accumulator.add(kernel.search_tile(a, b, a_offset=0, b_offset=start, k=3, top_pairs=4), 0, start)
+
+    result = accumulator.result()
+
+    dtypes = {name: getattr(result, name).dtype for name in ("row_indices", "col_indices", "pair_rows", "pair_cols",
+                                                             "row_scores", "col_scores", "pair_scores")}
+    assert dtypes == {"row_indices": torch.int64, "col_indices": torch.int64, "pair_rows": torch.int64,
+                      "pair_cols": torch.int64, "row_scores": torch.float32, "col_scores": torch.float32,
+                      "pair_scores": torch.float32}
+
+
+# --- small contracts --------------------------------------------------------------------------------------------------
+
+
+def test_screen_values_are_computed_in_the_workspace():
+    workspace = kernel.make_workspace(8)
+    for screen in ("int8", "float32", "bfloat16"):
+        a, b = kernel.prepare_block(gaussian(4, 16, seed=64), screen), kernel.prepare_block(gaussian(8, 16, seed=65),
+                                                                                          screen)
+
+        values = kernel.screen_values(a.screen, b.screen.T, workspace)
+
+        assert values.data_ptr() == workspace.scores.data_ptr(), screen
+
+
+def test_int8_tiles_are_refused_where_int32_sums_could_overflow():
+    """d * 127**2 must stay below 2**31: d = 133144 is the largest dimension that does."""
+    def bound(d):
+        block = kernel.prepare_block(torch.ones(2, d).index_fill_(1, torch.tensor([0]), -1.0), "int8")
+        return kernel.ScreenBound.for_tile(block, block)
+
+    assert bound(133_144).dtype == torch.int32
+    with pytest.raises(AssertionError):
+        bound(133_145)
+
+
+def test_negative_zero_has_the_bits_of_positive_zero():
+    bits = kernel._monotone_bits(torch.tensor([-1e-45, -0.0, 0.0, 1e-45]))
+
+    assert bits.tolist()[1] == bits.tolist()[2] and bits.tolist() == sorted(bits.tolist())
+
+
+def test_a_tile_asked_for_its_one_largest_pair_returns_one():
+    a, b = kernel.prepare_block(gaussian(9, 16, seed=66), "float32"), kernel.prepare_block(gaussian(11, 16, seed=67),
+                                                                                          "float32")
+
+    tile = kernel.search_tile(a, b, a_offset=0, b_offset=0, k=1, top_pairs=1)
+
+    scores = pearson(a.exact, b.exact)
+    assert (tile.pair_rows.tolist(), tile.pair_cols.tolist()) == ([int(scores.argmax() // 11)],
+                                                                  [int(scores.argmax() % 11)])
