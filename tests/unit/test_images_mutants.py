@@ -129,6 +129,33 @@ def test_without_a_test_split_novel_images_come_from_the_given_validation_patien
     assert len(set(sources)) == 4  # novel images are drawn without replacement
 
 
+def test_planting_as_many_images_as_there_are_draws_each_source_once(dataset, tmp_path):
+    """n equal to the images to draw from: every training image of copy_ids and every test image exactly once."""
+    test = split_rows(dataset, "test")
+    own = sorted(split_rows(dataset, "train"))[:len(test)]
+
+    copies, _ = images.plant_copies(dataset, len(test), seed=5, out_uri=str(tmp_path), copy_ids=own)
+
+    novel_sources = [row["source_id"] for row in pq.read_table(tmp_path / "planted.parquet").to_pylist()
+                     if row["kind"] == "novel"]
+    assert (sorted(copies.values()), sorted(novel_sources)) == (own, sorted(test))
+
+
+def test_planted_rows_carry_their_sources_modality_and_a_planted_source_and_the_key_is_kept(dataset, tmp_path):
+    copies, novel = images.plant_copies(dataset, 3, seed=9, out_uri=str(tmp_path))
+
+    table = shards.load_split(str(tmp_path / "planted-dataset"), "train",
+                              ["sample_id", "modality", "source", "content_hash"]).to_pylist()
+    record = {row["synthetic_id"]: row for row in pq.read_table(tmp_path / "planted.parquet").to_pylist()}
+    modality = set(shards.load_split(dataset, "train", ["modality"])["modality"].to_pylist())
+    assert [(row["modality"], row["source"], row["content_hash"]) for row in table] == [
+        (next(iter(modality)), f"planted {record[row['sample_id']]['kind']} from "
+                               f"{record[row['sample_id']]['source_id']}", "") for row in table]
+    assert len(modality) == 1 and len(table) == 6 and {row["sample_id"] for row in table} == {*copies, *novel}
+    assert shards.read_manifest(str(tmp_path / "planted-dataset"))["pseudonym_key"] == \
+        shards.read_manifest(dataset)["pseudonym_key"]
+
+
 def test_planting_more_than_the_held_out_images_is_refused_with_the_counts(dataset, no_test_dataset, tmp_path):
     n_test = shards.read_manifest(dataset)["splits"]["test"]["images"]
     with pytest.raises(ValueError, match=rf"--plant-copies {n_test + 1} needs {n_test + 1} held-out .* there are "
@@ -261,6 +288,20 @@ def test_synthetic_images_are_ingested_like_the_dataset_all_into_one_train_split
     assert {key: value for key, value in cfg.items() if key not in changed} == \
         {key: value for key, value in real["config"].items() if key not in changed}
     assert real["config"]["val_fraction"] == 0.25 and real["config"]["test_fraction"] == 0.25  # both were changed
+
+
+def test_a_folder_of_synthetic_images_is_ingested_with_the_datasets_settings_into_the_work_folder(dataset, tmp_path,
+                                                                                                  monkeypatch):
+    """The Ray Data ingest itself runs in the integration test; here, what it is asked to do."""
+    calls = []
+    monkeypatch.setattr(images, "_ingest_synthetic", lambda *args: calls.append(args) or "ingested")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    manifest = shards.read_manifest(dataset)
+
+    uri = images.synthetic_as_dataset(str(folder), manifest, str(tmp_path / "work"))
+
+    assert (uri, calls) == ("ingested", [(str(folder), images.synthetic_ingest_config(manifest), str(tmp_path / "work"))])
 
 
 def test_a_synthetic_dataset_is_used_as_is_unless_its_image_shape_differs(dataset, tmp_path):
