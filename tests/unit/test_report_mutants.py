@@ -56,7 +56,8 @@ def full_metrics() -> dict:
                     "roc_auc": 0.975, "ci95": {"sensitivity": [0.596, 0.982]}},
         "detector_heldout": {"families": {"elastic": {"sensitivity_at_95_specificity": 0.8, "roc_auc": 0.95,
                                                       "n_positive": 20, "n_negative": 40,
-                                                      "ci95": {"roc_auc": [0.9, 0.99]}}}},
+                                                      "ci95": {"roc_auc": [0.9, 0.99],
+                                                               "sensitivity_at_95_specificity": [0.6, 0.92]}}}},
     }
 
 
@@ -303,3 +304,32 @@ def test_an_empty_table_shows_its_text_and_a_table_escapes_its_headers():
         "<p>Nothing &lt;here&gt;.</p>",
         '<table id="t"><thead><tr><th>&lt;a&gt;</th></tr></thead><tbody>\n'
         '<tr class="flagged"><td>x</td><td class="number">1</td></tr>\n</tbody></table>')
+
+
+def test_a_report_without_optional_figures_has_none_of_their_sections():
+    page = render_report(metrics=METRICS | {"calibrations": {}, "planted": {}, "detector_heldout": {}},
+                         synthetic_top1=[0.9], null_scores=[0.8], pairs=[], patients=[])
+
+    headings = re.findall(r"<h2>([^<(]+)", page)
+    assert headings == ["Summary: the generator's own samples against its training set", "How to read this",
+                        "Score distributions", "Top copies ", "Patients "]
+
+
+def test_planted_figures_without_intervals_are_shown_bare():
+    planted = {"n_copies": 4, "n_novel": 5, "sensitivity": 0.75, "specificity": 0.8}
+
+    page = render_report(metrics=METRICS | {"planted": planted}, synthetic_top1=[0.9], null_scores=[0.8], pairs=[],
+                         patients=[])
+
+    assert "<td>Sensitivity (known copies flagged)</td><td>0.750</td>" in page and "ROC AUC" not in page
+
+
+@pytest.mark.parametrize("rows, css_class", [(256, "scan"), (200, "scan pixelated"), (300, "scan")])
+def test_only_an_image_drawn_larger_than_its_pixels_is_pixelated(rows, css_class):
+    image = np.arange(rows * 4, dtype=np.float32).reshape(1, rows, 4)
+
+    page = render_report(metrics=METRICS, synthetic_top1=[0.9], null_scores=[0.8], patients=[],
+                         pairs=[CopyPair("syn", "train", "p", 0.95, image, image)])
+
+    assert re.findall(r'<img class="([a-z ]+)" src="data:image/png;base64,[^"]+" width="\d+" height="256"',
+                      page) == [css_class] * 2
