@@ -133,7 +133,8 @@ def test_the_paper_calibration_is_the_default_and_a_missing_metric_is_named_with
         render_report(metrics={k: v for k, v in METRICS.items() if k not in ("n_val", "pct_copies")},
                       synthetic_top1=[0.9], null_scores=[0.8], pairs=[], patients=[])
 
-    assert ("Calibration</td><td>paper<" in page, "No pairs to show." in page, "No patients to show." in page,
+    assert ("Calibration</td><td>paper<" in page, "<p>No pairs to show.</p>" in page,
+            "<p>No patients to show.</p>" in page,
             str(raised.value)) == (True, True, True, "metrics lacks ['n_val', 'pct_copies']: pass the metrics dict "
                                                      "the audit wrote (metrics.json)")
 
@@ -146,13 +147,14 @@ def test_a_false_positive_rate_at_either_end_of_zero_to_one_is_shown(value):
     assert f"(in-sample, by construction)</td><td>{value:.3f}</td>" in page
 
 
-def test_a_negative_false_positive_rate_is_refused_with_the_fix():
+@pytest.mark.parametrize("value", [-0.01, 1.5])
+def test_a_false_positive_rate_outside_zero_to_one_is_refused_with_the_fix(value):
     with pytest.raises(ValueError) as raised:
-        render_report(metrics=METRICS | {"measured_fpr_copies": -0.01}, synthetic_top1=[0.9], null_scores=[0.8],
+        render_report(metrics=METRICS | {"measured_fpr_copies": value}, synthetic_top1=[0.9], null_scores=[0.8],
                       pairs=[], patients=[])
 
-    assert str(raised.value) == ("metrics['measured_fpr_copies'] = -0.01 is not a fraction in [0, 1]: pass fractions "
-                                 "(pct_* hold percentages)")
+    assert str(raised.value) == (f"metrics['measured_fpr_copies'] = {value} is not a fraction in [0, 1]: pass "
+                                 "fractions (pct_* hold percentages)")
 
 
 def test_one_threshold_for_both_figures_is_shown_once():
@@ -337,3 +339,38 @@ def test_only_an_image_drawn_larger_than_its_pixels_is_pixelated(rows, css_class
 
     assert re.findall(r'<img class="([a-z ]+)" src="data:image/png;base64,[^"]+" width="\d+" height="256"',
                       page) == [css_class] * 2
+
+
+def test_the_default_title_and_training_set_name_and_scores_given_as_a_column():
+    page = render_report(metrics=METRICS, synthetic_top1=np.array([[0.9], [0.7]]), null_scores=np.array([[0.8]]),
+                         pairs=[], patients=[])
+
+    assert "<title>raymem memorization audit</title>" in page and "<h1>raymem memorization audit</h1>" in page
+    assert "<td>Training set compared with</td><td>train split: 48 images of 8 patients</td>" in page
+
+
+def test_non_finite_synthetic_scores_are_named():
+    with pytest.raises(ValueError, match=r"^synthetic_top1 holds 1 NaN or infinite scores"):
+        render_report(metrics=METRICS, synthetic_top1=[0.9, np.nan], null_scores=[0.8], pairs=[], patients=[])
+
+
+def test_tau_is_one_dashed_black_line_at_the_same_place_in_both_panels():
+    """Both panels share the x axis: tau = 0.7, among scores from 0 to 1 (null) and 0.5 to 0.6 (synthetic), is drawn
+    at the same column, black and dashed (gaps along it), in the upper and the lower half."""
+    pixels = decode_png(report._histogram_png_data_uri(np.linspace(0.5, 0.6, 30), np.linspace(0.0, 1.0, 30), 0.7,
+                                                       "n"))[..., :3].astype(int)
+    black = (pixels < 40).all(axis=-1)
+
+    def tau_column(rows: slice) -> tuple[int, float]:
+        """The column, left of the frame's right side, with the longest run of black pixels, and its black share."""
+        counts = black[rows].sum(axis=0)
+        frame = np.flatnonzero(counts > 0.6 * (rows.stop - rows.start))
+        inside = np.arange(frame.min() + 5, frame.max() - 5)
+        column = int(inside[np.argmax(counts[inside])])
+        return column, float(counts[column]) / (rows.stop - rows.start)
+
+    (upper, upper_share), (lower, lower_share) = tau_column(slice(40, 250)), tau_column(slice(300, 500))
+    left, right = np.flatnonzero(black[300:500].sum(axis=0) > 120)[[0, -1]]  # the lower frame's sides
+    # x axis from 0 to 1 with matplotlib's 5 % margins: tau = 0.7 at (0.05 + 0.7) / 1.1 of the frame's width
+    assert abs(upper - lower) <= 1 and abs(lower - (left + (right - left) * 0.75 / 1.1)) <= 3, (upper, lower)
+    assert 0.3 < upper_share < 0.9 and 0.3 < lower_share < 0.9, (upper_share, lower_share)  # dashed, not solid
