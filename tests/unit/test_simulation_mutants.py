@@ -57,6 +57,7 @@ def test_a_patient_with_rho_one_repeats_one_image_and_hubs_load_on_the_direction
     loadings = hubs @ g / 32  # E = hub_scale * E|N(0, 1)| = 0.6 * sqrt(2 / pi)
     np.testing.assert_array_equal(x[0:4], np.repeat(x[:1], 4, axis=0))
     assert abs(loadings.mean() - 0.6 * math.sqrt(2 / math.pi)) < 0.02
+    assert abs(hubs.var() - (1 + 0.6**2)) < 0.03  # per coordinate: 1 + E[a^2] |g|^2 / d
 
 
 def test_novel_samples_have_the_generators_noise_and_loading():
@@ -69,6 +70,14 @@ def test_novel_samples_have_the_generators_noise_and_loading():
 
     assert abs(loadings.mean() - (0.5 + 0.6 * math.sqrt(2 / math.pi))) < 0.02
     assert abs(residual.std() - 0.7 * math.sqrt(31 / 32)) < 0.005
+
+
+def test_a_copying_generator_copies_every_training_image_including_the_first():
+    train = np.array([[10.0] * 4 + [-10.0] * 4, [-10.0] * 4 + [10.0] * 4])
+
+    x = Generator(Population(d=8), copy_share=1.0, copy_noise=0.0).sample(40, train, np.random.default_rng(19))
+
+    assert sorted({tuple(row) for row in x.tolist()}) == sorted(tuple(row) for row in train.tolist())
 
 
 @pytest.mark.parametrize("copy_share, copy_noise", [(1.0, 0.0), (0.25, 0.0), (1.0, 0.3), (0.0, 0.3)])
@@ -110,6 +119,14 @@ def test_neighbours_are_each_rows_best_columns_ties_to_the_lower_index(k):
     np.testing.assert_array_equal(order, np.array(expected[0])[1:, :k])
 
 
+def test_neighbours_of_long_rows_with_many_ties_keep_the_lower_columns():
+    scores = np.random.default_rng(20).integers(0, 3, size=(6, 200)).astype(np.float64)
+
+    neighbours = sim._neighbours(scores, 30)
+
+    np.testing.assert_array_equal(neighbours.indices, np.argsort(-scores, axis=1, kind="stable")[:, :30])
+
+
 def test_all_pairs_hold_every_pair_with_its_row_and_column():
     scores = np.array([[0.1, 0.7, 0.3], [0.9, 0.2, 0.8]])
 
@@ -144,6 +161,12 @@ def test_searches_match_brute_force_correlations(top_k):
                                    ("null", searches.null_pairs, train_null)):
         rows, cols = pairs.above(0.3)
         assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(zip(*np.nonzero(reference > 0.3))), name
+    shapes = {name: neighbours.scores.shape for name, (neighbours, _) in checks.items()}
+    assert shapes == {"train_to_val": (7, 1), "val_to_train": (5, 1), "eval_to_train": (4, 1),
+                      "train_to_synthetic": (7, 1), "null_to_train": (3, 1)}
+    assert searches.synthetic_to_train.scores.shape == (9, top_k)
+    default = sim.searches_from_scores(train, val, evaluate, synthetic, train_patients, eval_patients)
+    assert default.synthetic_to_train.scores.shape == (9, 1)
     np.testing.assert_array_equal(searches.train_patient_ids, train_patients)
     np.testing.assert_array_equal(searches.eval_patient_ids, eval_patients)
 
@@ -189,6 +212,20 @@ def test_fresh_rates_equal_the_counted_reference():
     assert (fresh.n, fresh.n_train, fresh.floor) == (60, 12, 0.2)
     np.testing.assert_allclose(fresh.best, corr(samples, train).max(axis=1), atol=1e-5)
     assert bool((fresh.scores > 0.2).all()) and len(fresh.scores) == int((corr(samples, train) > 0.2).sum())
+
+
+def test_training_images_and_patients_no_sample_reaches_count_in_the_true_rates():
+    """The last training image (its own patient) is anti-correlated with every sample: it counts as a zero in the
+    means over images and patients, not as missing."""
+    base = np.array([1.0, -1.0, 2.0, -2.0, 0.5, -0.5])
+    train = np.stack([base, base[::-1], -base])  # three patients of one image each
+    samples = base + np.random.default_rng(21).normal(0, 0.3, size=(50, 6))
+
+    observed = Fresh(samples, sim.standardized(train), 1, floor=0.0).rates(0.5, 0.5, 5)
+
+    expected = reference_rates(samples, train, 1, 0.5, 0.5, 5)
+    assert (corr(samples, train)[:, 2] > 0.5).sum() == 0 and expected[1] < 2 / 3
+    assert observed == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_memorized_threshold_below_the_floor_is_refused():
@@ -238,6 +275,7 @@ def test_fresh_scores_reuse_a_distribution_only_when_it_is_the_same_generator():
     assert (own["null"] is own["generator"], own["generator"] is own["novel"]) == (True, False)
     assert (other["null"] is other["generator"], other["null"].n, other["null"].floor) == (False, 400, 0.3)
     assert (plain["novel"].n, plain["novel"].n_train, plain["novel"].images_per_patient) == (400, 21, 3)
+    assert (own["generator"].images_per_patient, other["null"].images_per_patient) == (3, 3)
     np.testing.assert_array_equal(plain["novel"].best, own["novel"].best)  # the same draws from the same seed
     copies = (own["generator"].best > 0.85).mean()  # copy_noise 0.3: correlation about 1 / sqrt(1.09) = 0.96
     assert 0.4 < copies < 0.6
@@ -252,6 +290,8 @@ def test_a_draw_has_the_scenarios_sets_and_every_calibration_it_can_run():
 
     sizes = [len(getattr(plain, name)) for name in ("train", "calibrate", "evaluate", "synthetic")]
     assert (sizes, plain.null, len(nulled.null)) == ([21, 15, 12, 11], None, 9)
+    assert sim.draw(replace(SMALL, top_k=2), np.random.default_rng(13)).searches.synthetic_to_train.scores.shape == (
+        11, 2)
     assert (list(plain.calibrations), list(nulled.calibrations)) == (
         [c for c in metrics.CALIBRATIONS if c != "generator"], list(metrics.CALIBRATIONS))
     assert (plain.train_patients[:4].tolist(), plain.val_patients[0], plain.eval_patients[-1]) == (
@@ -269,7 +309,8 @@ def test_without_a_test_split_half_of_the_validation_patients_evaluate():
     assert (len(audit.calibrate) + len(audit.evaluate), calibrating & evaluating, len(calibrating | evaluating)) == (
         24, set(), 8)
     assert len(audit.calibrate) == 3 * len(calibrating) and len(audit.evaluate) == 3 * len(evaluating)
-    with pytest.raises(ValueError, match="a val-half draw has no test split to write"):
+    with pytest.raises(ValueError, match=r"^a val-half draw has no test split to write \(its halves come from the "
+                                         r"audit's seed\)$"):
         audit.write_parquet("unused")
 
 
@@ -300,23 +341,25 @@ def test_the_float32_audit_recomputes_its_figures_on_the_rounded_embeddings():
                                         audit.train_patients, audit.eval_patients, rounded.null)
     assert rounded.calibrations["generator"].figures() == metrics.calibrate("generator", searches, 95.0).figures()
     assert rounded.scenario is audit.scenario and rounded.val_patients is audit.val_patients
+    assert sim.draw(SMALL, np.random.default_rng(16)).as_float32().null is None
 
 
 def test_one_run_reports_the_calibrations_figures_in_fractions_and_the_truth_at_its_thresholds():
-    outcome = sim.run_once(SMALL, 17, {"constant": lambda audit, name: (0.5, 0.25, 0.75)})
+    copying = replace(SMALL, generator=Generator(SMALL.population, copy_share=0.5))
+    outcome = sim.run_once(copying, 17, {"constant": lambda audit, name: (0.5, 0.25, 0.75)})
 
-    audit = sim.draw(SMALL, np.random.default_rng(17))  # the same draw: run_once seeds its generator with the seed
+    audit = sim.draw(copying, np.random.default_rng(17))  # the same draw: run_once seeds its generator with the seed
     for name, calibration in audit.calibrations.items():
         entry = calibration.figures()
         expected = {figure: (entry[key] / factor, entry["ci95"][key][0] / factor, entry["ci95"][key][1] / factor)
                     for figure, (key, _, factor) in sim.FIGURES.items() if key in entry}
         assert outcome.figures[name] == expected | {"constant": (0.5, 0.25, 0.75)}
-        assert 0 <= outcome.figures[name]["pct_copies"][0] <= 1
+        assert 0.2 < outcome.figures[name]["pct_copies"][1] < outcome.figures[name]["pct_copies"][0] < 1
     floor = min(c.threshold_memorized for c in audit.calibrations.values())
     rng = np.random.default_rng(17)
-    sim.draw(SMALL, rng)
-    fresh = sim.fresh_scores(SMALL, audit.train, floor, rng)
-    assert outcome.truth == {name: sim.true_rates(SMALL, fresh, c) for name, c in audit.calibrations.items()}
+    sim.draw(copying, rng)
+    fresh = sim.fresh_scores(copying, audit.train, floor, rng)
+    assert outcome.truth == {name: sim.true_rates(copying, fresh, c) for name, c in audit.calibrations.items()}
 
 
 # --- summaries ------------------------------------------------------------------------------------------------------
@@ -327,16 +370,18 @@ def test_a_summary_averages_truth_estimate_error_width_and_coverage():
                 Outcome({"paper": {"pct_copies": (0.10, 0.05, 0.20), "odd": (0.7, 0.6, 0.8)}},
                         {"paper": {"copies": 0.20, "x": 0.9}}),
                 Outcome({"paper": {"pct_copies": (0.44, 0.40, 0.45), "odd": (0.1, 0.0, 0.2)}},
-                        {"paper": {"copies": 0.50, "x": 0.2}})]
+                        {"paper": {"copies": 0.50, "x": 0.2}}),
+                Outcome({"paper": {"pct_copies": (0.44, 0.40, 0.45), "odd": (0.1, 0.0, 0.2)}},
+                        {"paper": {"copies": 0.40, "x": 0.0}})]
 
     rows = sim.summarise(SMALL, outcomes, {"odd": "x"})
 
     by_figure = {row.figure: row for row in rows}
     copies, odd = by_figure["pct_copies"], by_figure["odd"]
-    assert (copies.scenario, copies.calibration, copies.repetitions) == ("small", "paper", 3)
+    assert (copies.scenario, copies.calibration, copies.repetitions) == ("small", "paper", 4)
     assert (copies.true_rate, copies.measured, copies.bias, copies.width, copies.coverage) == pytest.approx(
-        (0.95 / 3, 0.84 / 3, (0.05 - 0.10 - 0.06) / 3, (0.2 + 0.15 + 0.05) / 3, 2 / 3))  # a bound counts as covered
-    assert (odd.true_rate, odd.coverage) == pytest.approx((1.7 / 3, 2 / 3))
+        (1.35 / 4, 1.28 / 4, (0.05 - 0.10 - 0.06 + 0.04) / 4, (0.2 + 0.15 + 0.05 + 0.05) / 4, 3 / 4))
+    assert (odd.true_rate, odd.coverage) == pytest.approx((1.7 / 4, 3 / 4))  # either bound counts as covered
 
 
 def test_a_figure_whose_truth_is_not_known_is_left_out_of_the_summary():
@@ -355,16 +400,32 @@ def test_simulate_summarises_run_once_over_its_documented_seeds():
     assert rows == expected and rows[0].repetitions == 2
 
 
+def test_simulations_default_to_seed_zero_and_run_blas_on_one_thread():
+    from threadpoolctl import threadpool_info
+
+    small, threads = replace(SMALL, n_fresh=100), []
+
+    def recording(audit, name):
+        threads.extend(pool["num_threads"] for pool in threadpool_info())
+        return 0.5, 0.25, 0.75
+
+    assert sim.simulate(small, 1) == sim.simulate(small, 1, seed=0) != sim.simulate(small, 1, seed=1)
+    assert sim.simulate_variants(small, 1) == sim.simulate_variants(small, 1, seed=0)
+    sim.simulate(small, 1, variants={"recording": recording}, truth_of={"recording": "copies"})
+    assert threads and set(threads) == {1}
+
+
 def test_the_variants_compute_what_their_names_say():
-    audit = sim.draw(replace(SMALL, n_synthetic=40), np.random.default_rng(18))
+    audit = sim.draw(replace(SMALL, n_synthetic=40, n_test_patients=8), np.random.default_rng(19))
     calibration = audit.calibrations["paper"]
 
     flags = audit.searches.eval_to_train.best > calibration.threshold_copies
     rows, cols = audit.searches.eval_pairs.above(calibration.threshold_memorized)
-    at_n_eval = statistics.memorized_rate_interval(rows, cols, 21, audit.eval_patients, 12)
+    assert len(rows) > 0 and 0 < flags.sum() < len(flags)  # figures that are not the empty case
+    at_n_eval = statistics.memorized_rate_interval(rows, cols, 21, audit.eval_patients, 24)
 
     assert sim._unclustered_wilson(audit, "paper") == (flags.mean(), *statistics.wilson_interval(int(flags.sum()),
-                                                                                                   12))
+                                                                                                   24))
     assert sim._val_half_draws(audit, "paper") == (at_n_eval.estimate, at_n_eval.lo, at_n_eval.hi)
     share = calibration.fpr_copies
     assert sim._test_rate_against_the_generator(audit, "paper") == (share.estimate, share.lo, share.hi)
