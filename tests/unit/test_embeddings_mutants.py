@@ -955,3 +955,80 @@ def test_the_first_write_phase_is_the_writes_own_seconds(tmp_path, audited):
     assert 0 <= audited.phase_seconds["write"] < 0.9  # a few files of a small audit
     audited.phase_seconds.clear()
     audited.phase_seconds.update(before)
+
+
+# ------------------------------------------------------------- matches.parquet's generated and training rows, patients
+
+
+MATCHES_COLUMNS = ["kind", "sample_id", "patient_id", "neighbour_ids", "neighbour_indices", "neighbour_scores",
+                   "best_score", "score_exact", "is_copy", "is_memorized", "planted_from"]
+
+
+def test_matches_rows_of_generated_and_training_samples_are_their_brute_force_neighbours(case, audited):
+    s, own = reference_scores(case)["syn_train"], case["reference_rows"]
+    matches = audited.matches.to_pydict()
+    synthetic, train = slice(0, 37), slice(37, 77)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :TOP_K]
+    tau_copies, tau_memorized = audited.metrics["threshold_copies"], audited.metrics["threshold_memorized"]
+
+    assert audited.matches.column_names == MATCHES_COLUMNS
+    assert (matches["sample_id"][synthetic], matches["patient_id"][synthetic], matches["is_memorized"][synthetic],
+            matches["planted_from"][synthetic]) == ([f"s{i}" for i in range(37)], [None] * 37, [None] * 37, [None] * 37)
+    assert (matches["neighbour_indices"][synthetic], matches["neighbour_ids"][synthetic]) == (
+        top.tolist(), [[f"t{own[j]}" for j in row] for row in top])
+    assert np.abs(np.array(matches["neighbour_scores"][synthetic]) - np.take_along_axis(s, top, 1)).max() < \
+        SCORE_TOLERANCE
+    assert matches["is_copy"][synthetic] == (s.max(axis=1) > tau_copies).tolist()
+    assert (matches["sample_id"][train], matches["patient_id"][train], matches["is_copy"][train]) == (
+        [f"t{i}" for i in own], case["train_patients"][own].tolist(), [None] * 40)
+    assert (matches["neighbour_indices"][train], matches["neighbour_ids"][train]) == (
+        [[int(i)] for i in s.argmax(axis=0)], [[f"s{i}"] for i in s.argmax(axis=0)])
+    assert np.abs(np.array(matches["best_score"][train]) - s.max(axis=0)).max() < SCORE_TOLERANCE
+    assert matches["is_memorized"][train] == (s.max(axis=0) > tau_memorized).tolist()
+    assert all(isinstance(flag, bool) for flag in matches["score_exact"][:77])
+
+
+def test_the_patient_rows_count_each_patients_images_and_memorized_images(case, audited):
+    s, own = reference_scores(case)["syn_train"], case["reference_rows"]
+    memorized = s.max(axis=0) > audited.metrics["threshold_memorized"]
+    patients = case["train_patients"][own]
+    rows = [{"patient_id": p, "n_train_images": int((patients == p).sum()),
+             "n_memorized": int(memorized[patients == p].sum()), "best_score": float(s.max(axis=0)[patients == p].max())}
+            for p in sorted(set(patients))]
+    expected = sorted(rows, key=lambda row: (-row["n_memorized"], -row["best_score"], row["patient_id"]))
+
+    observed = audited.patients
+
+    assert sum(row["n_memorized"] for row in expected) > 0
+    assert [{k: v for k, v in row.items() if k != "best_score"} for row in observed] == [
+        {k: v for k, v in row.items() if k != "best_score"} for row in expected]
+    assert [row["best_score"] for row in observed] == pytest.approx([row["best_score"] for row in expected],
+                                                                    abs=SCORE_TOLERANCE)
+
+
+def test_validation_embeddings_need_patient_ids(tmp_path):
+    uris = small_sets(tmp_path)
+    no_patients = write_set(tmp_path / "val-bare.parquet", np.random.default_rng(8).standard_normal((8, 5)),
+                            [f"v{i}" for i in range(8)])
+
+    with pytest.raises(ValueError, match=r"^val embeddings .*: columns sample_id, embedding, patient_id are required"):
+        run_audit(uris["train"], no_patients, uris["synthetic"], test_uri=uris["test"], progress=False)
+
+
+def test_a_bad_generator_null_file_is_named_as_the_generator_null_set(tmp_path):
+    uris = small_sets(tmp_path)
+    null = write_set(tmp_path / "null.parquet", [[1.0, 2.0, 3.0, 4.0, 5.0], [2.0] * 5], ["n0", "n1"])
+
+    with pytest.raises(ValueError, match=r"^generator-null embeddings at .*: embedding is constant"):
+        run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], null_uri=null,
+                  progress=False)
+
+
+def test_an_audit_without_a_test_split_splits_validation_with_seed_zero_by_default(case):
+    uris = case["uris"]
+
+    def figures(**seed):
+        return run_audit(uris["train"], uris["val"], uris["synthetic"], calibration="paper", progress=False,
+                         **seed).metrics
+
+    assert figures() == figures(seed=0) != figures(seed=1)
