@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -674,15 +673,17 @@ def test_later_tiles_of_a_search_get_the_floors_earlier_tiles_found(monkeypatch)
 
 
 def test_a_search_runs_its_tiles_on_the_given_workers_each_with_one_intra_op_thread(monkeypatch):
-    real = kernel.search_tile
-    calls = []
+    """The first two tiles wait for each other (a barrier), so two workers must run them at once and a third
+    thread would be made for the next tiles submitted meanwhile, if the pool allowed one."""
+    real, calls, both = kernel.search_tile, [], threading.Barrier(2, timeout=10)
 
-    def slow_tile(*args, **kwargs):
+    def tile(*args, **kwargs):
         calls.append((threading.get_ident(), torch.get_num_threads()))
-        time.sleep(0.05)  # long enough that every worker takes a tile
+        if len(calls) <= 2:
+            both.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "search_tile", slow_tile)
+    monkeypatch.setattr(kernel, "search_tile", tile)
     with kernel._intra_op_threads(2):
         kernel.search(gaussian(16, 16, seed=60), gaussian(32, 16, seed=61), k=2, block_rows=8, workers=2,
                       screen="float32")
