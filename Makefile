@@ -49,7 +49,7 @@ demo: setup
 local-cluster: setup
 	$(BIN)/raymem local-cluster --out $(LOCAL_OUT)$(if $(KEEP), --keep)
 
-# Mutation testing (mutmut) of the compute core, about 5 h on 2 cores (tools/mutation_core.sh), or of one module:
+# Mutation testing (mutmut) of the compute core, about 3 h on 2 cores with MUTATION_JOBS=2 (tools/mutation_core.sh), or of one module:
 # make mutation MODULE=raymem/audit/statistics.py TESTS="tests/unit/..."
 mutation: setup
 	$(if $(MODULE),tools/mutation.sh $(MODULE) $(TESTS),tools/mutation_core.sh)

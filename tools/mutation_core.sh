@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing of the whole compute core (`make mutation`): each module below with the unit tests that cover
 # it, one after the other through tools/mutation.sh; prints one summary line per module and writes them, with the
-# survivors, to out/mutation/. About 4 to 5 h on an idle 2-core machine, most of it search/kernel.py (1752 mutants)
-# and audit/embeddings.py (1798): not in CI. Figures and the survivors' reasons are in docs/testing.md ("Mutation testing with a tool").
+# survivors, to out/mutation/. About 3 h on an idle 2-core machine with MUTATION_JOBS=2, an hour of it
+# audit/embeddings.py (1805 mutants): not in CI. tools/mutation_recheck.sh reruns a module's survivors against its
+# whole test files. Figures and the survivors' reasons: docs/testing.md ("Mutation testing with a tool").
 #   tools/mutation_core.sh               every module
 #   tools/mutation_core.sh verdicts      only the entries whose module path contains "verdicts"
 set -euo pipefail

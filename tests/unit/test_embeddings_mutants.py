@@ -1032,3 +1032,16 @@ def test_an_audit_without_a_test_split_splits_validation_with_seed_zero_by_defau
                          **seed).metrics
 
     assert figures() == figures(seed=0) != figures(seed=1)
+
+
+def test_planting_repeats_with_the_audits_seed(case):
+    uris = case["uris"]
+
+    def planted(seed):
+        result = run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], plant_copies=4,
+                           seed=seed, progress=False)
+        return result.metrics["planted"], result.matches.filter(pa.compute.equal(result.matches["kind"], "planted"))
+
+    first, again = planted(5), planted(5)
+
+    assert first[0] == again[0] and first[1].equals(again[1])
