@@ -1045,3 +1045,35 @@ def test_planting_repeats_with_the_audits_seed(case):
     first, again = planted(5), planted(5)
 
     assert first[0] == again[0] and first[1].equals(again[1])
+
+
+@pytest.mark.parametrize("role", ["train", "test"])
+def test_training_and_test_embeddings_need_patient_ids(tmp_path, role):
+    uris = small_sets(tmp_path)
+    uris[role] = write_set(tmp_path / f"{role}-bare.parquet", np.random.default_rng(9).standard_normal((6, 5)),
+                           [f"{role}-bare{i}" for i in range(6)])
+
+    with pytest.raises(ValueError, match=rf"^{role} embeddings .*: columns sample_id, embedding, patient_id are "
+                                         "required"):
+        run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], progress=False)
+
+
+def test_only_parquet_files_of_an_embeddings_folder_are_read(tmp_path):
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    write_set(folder / "part-0.parquet", np.random.default_rng(10).standard_normal((4, 5)), ["a", "b", "c", "d"])
+    (folder / "_SUCCESS").write_text("")
+    (folder / "part-0.parquet.crc").write_bytes(b"\x00\x01")
+
+    source = EmbeddingSource(str(folder), "synthetic", require_patients=False)
+
+    assert (len(source), source.sample_ids.tolist()) == (4, ["a", "b", "c", "d"])
+
+
+def test_an_audit_keeps_five_neighbours_per_generated_sample_by_default(tmp_path):
+    uris = small_sets(tmp_path)
+
+    result = run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], progress=False)
+
+    synthetic = result.matches.filter(pa.compute.equal(result.matches["kind"], "synthetic"))
+    assert {len(ids) for ids in synthetic["neighbour_ids"].to_pylist()} == {5}
