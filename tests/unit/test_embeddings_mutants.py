@@ -1077,3 +1077,21 @@ def test_an_audit_keeps_five_neighbours_per_generated_sample_by_default(tmp_path
 
     synthetic = result.matches.filter(pa.compute.equal(result.matches["kind"], "synthetic"))
     assert {len(ids) for ids in synthetic["neighbour_ids"].to_pylist()} == {5}
+
+
+def test_two_shared_patients_are_listed_with_a_comma(tmp_path):
+    val_patients = [f"val-p{i // 2}" for i in range(8)]
+    val_patients[0], val_patients[7] = "train-p0", "train-p2"
+    uris = small_sets(tmp_path, patients={"val": val_patients})
+
+    with pytest.raises(ValueError, match=r"shared patient_id: train-p0, train-p2$"):
+        run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], progress=False)
+
+
+def test_a_percentile_below_one_is_accepted(tmp_path):
+    uris = small_sets(tmp_path)
+
+    result = run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], percentile=0.5,
+                       progress=False)
+
+    assert result.metrics["percentile"] == 0.5
