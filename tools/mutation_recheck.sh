@@ -14,9 +14,9 @@
 set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 WORK_FOLDER_OF_A_RUN TEST_FILE..." >&2; exit 2; }
 work=$(cd "$1" && pwd); shift
-bin="$(git rev-parse --show-toplevel)/.venv/bin"  # before cd: the caller's checkout
 [[ -f $work/results.txt && -d $work/mutants ]] || { echo "$work is not a tools/mutation.sh work folder" >&2; exit 2; }
-root=$(git rev-parse --show-toplevel)
+root=$(git rev-parse --show-toplevel)  # the caller's checkout: its venv and its tests
+bin="$root/.venv/bin"
 git -C "$root" ls-files -z --cached --others --exclude-standard -- tests \
   | tar -C "$root" -c --null -T - -f - | tar -x -C "$work/mutants"
 export bin
