@@ -438,7 +438,8 @@ def test_a_null_embedding_in_a_fixed_size_column_names_the_file_not_only_pyarrow
         list(source.batches())
 
     assert message_of(error).startswith(f"synthetic embeddings {source.file_uris[0]}: the embedding column cannot "
-                                        "be read (") and "fix or drop the null rows" in message_of(error)
+                                        "be read (") and message_of(error).endswith(
+        "); a null embedding in a fixed-size list column reads like this: fix or drop the null rows")
 
 
 def test_a_constant_embedding_is_named(tmp_path):
@@ -1095,3 +1096,151 @@ def test_a_percentile_below_one_is_accepted(tmp_path):
                        progress=False)
 
     assert result.metrics["percentile"] == 0.5
+
+
+# ------------------------------------------------------------- the searches' request schedule and planted rows
+
+
+@pytest.fixture(scope="module")
+def schedule_case(tmp_path_factory):
+    """train 300, val 120, test 402 (patients of 3), 5 generated samples, a generator null of 300 noisy training
+    rows: a null closer to the training set than the validation set, so its first top pairs stop above the lowest
+    threshold and need a second search; enough evaluation pairs above it for a first request beyond 1024."""
+    folder = tmp_path_factory.mktemp("schedule")
+    rng = np.random.default_rng(41)
+    train = rng.standard_normal((300, D))
+    rows = {"train": train, "val": rng.standard_normal((120, D)), "test": rng.standard_normal((402, D)),
+            "synthetic": rng.standard_normal((5, D)),
+            "null": train[rng.permutation(300)] + rng.standard_normal((300, D))}
+    uris = {name: write_set(folder / f"{name}.parquet", values, [f"{name}{i}" for i in range(len(values))],
+                            None if name in ("synthetic", "null") else patients_of([3] * (len(values) // 3), name))
+            for name, values in rows.items()}
+    inputs = read_inputs(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], null_uri=uris["null"],
+                         reference_ids=None, seed=0)
+    return rows, inputs
+
+
+def recorded_search(inputs, planted=None, percentile=PERCENTILE, top_k=TOP_K):
+    """embeddings._search on a local engine that records, per search, the set searched against the training set
+    (by name), the number of top pairs asked for and the number it returned."""
+    engine = embeddings._LocalEngine(block_rows=64, progress=False)
+    sets = embeddings._Sets(engine, inputs)
+    calls = []
+    search = engine.search
+
+    def recorded(a, b, *, k, top_pairs=0):
+        result = search(a, b, k=k, top_pairs=top_pairs)
+        name = next(name for name in ("calibrate", "evaluate", "synthetic", "null", "train")
+                    if getattr(sets, name) is b) if a is sets.train else "planted"
+        calls.append((name, top_pairs, len(result.pair_scores) if top_pairs else 0))
+        return result
+
+    engine.search = recorded
+    sets.prepare()
+    n_pairs = len(inputs.train) * len(inputs.calibrate)
+    quantile = (percentile / 100) ** (1 / len(inputs.synthetic))
+    top_pairs = n_pairs - math.floor(quantile * (n_pairs - 1))
+    searches, planted_to_train = embeddings._search(sets, inputs, percentile, top_k, top_pairs, planted)
+    return calls, searches, planted_to_train
+
+
+def test_evaluation_and_null_pairs_are_first_asked_for_by_the_pairs_expected_above_the_lowest_threshold(
+        schedule_case):
+    """The lowest threshold any calibration uses, by brute force: the paper's (95th percentile of each training
+    image's best validation score), and the matched and generator memorized thresholds (the (0.95 ** (1 / 5))
+    quantile of all train x val and train x null pair scores). The evaluation pairs' first request is 1.5 times the
+    pairs expected above it (the single-pair tail from the share of training images above it); the null's second
+    request is the largest of 1024, its own expectation and four times the pairs its first search returned."""
+    rows, inputs = schedule_case
+    calls, searches, _ = recorded_search(inputs)
+    train_val, train_null = pearson(rows["train"], rows["val"]), pearson(rows["train"], rows["null"])
+    quantile = 0.95 ** (1 / 5)
+    lowest = min(np.percentile(train_val.max(axis=1), 95), np.quantile(train_val, quantile),
+                 np.quantile(train_null, quantile))
+    share = np.mean(train_val.max(axis=1) > lowest)
+    single_pair_tail = 1 - (1 - share) ** (1 / 120)
+
+    def expected(n_other):
+        return math.ceil(1.5 * single_pair_tail * 300 * n_other)
+
+    null_first = 300 * 300 - math.floor(quantile * (300 * 300 - 1))
+    requests = {name: [asked for other, asked, _ in calls if other == name] for name in ("evaluate", "null")}
+    null_returned = next(returned for other, _, returned in calls if other == "null")
+
+    assert expected(402) > 1024 and 4 * null_returned > max(1024, expected(300))  # the case tests what it should
+    assert requests["evaluate"][0] == expected(402)
+    assert requests["null"][:2] == [null_first, max(1024, expected(300), 4 * null_returned)]
+    # every pair above the lowest threshold is held, so the figures do not depend on the schedule
+    test_train = pearson(rows["train"], rows["test"])
+    assert (searches.eval_pairs.count_above(lowest), searches.null_pairs.count_above(lowest)) == (
+        int((test_train > lowest).sum()), int((train_null > lowest).sum()))
+
+
+def test_planted_neighbours_recompute_against_the_training_set_in_float64(schedule_case):
+    rows, inputs = schedule_case
+    planted_rows = rows["train"][[4, 77, 150]] + 0.1 * np.random.default_rng(3).standard_normal((3, D))
+    planted = embeddings.Planted(planted_rows.astype(np.float32), np.array(["k0", "k1", "k2"], dtype=object),
+                                 np.array([4, 77, 150]))
+    _, _, without = recorded_search(inputs, planted=None)
+    _, _, planted_to_train = recorded_search(inputs, planted=planted, top_k=3)
+
+    planted_to_train.refine(np.array([0, 2]))
+
+    expected = pearson(planted_rows, rows["train"])
+    order = np.argsort(-expected, axis=1)[:, :3]
+    assert without is None
+    assert planted_to_train.exact.tolist() == [True, False, True]
+    assert planted_to_train.indices[[0, 2]].tolist() == order[[0, 2]].tolist()
+    assert np.abs(planted_to_train.scores[[0, 2]] - np.take_along_axis(expected, order, axis=1)[[0, 2]]).max() < 1e-12
+
+
+def test_pairs_above_searches_nothing_when_the_held_pairs_already_cover_the_threshold(case):
+    uris = case["uris"]
+    inputs = read_inputs(uris["train"], uris["val"], uris["synthetic"], test_uri=None, null_uri=None,
+                         reference_ids=None, seed=0)
+    engine = embeddings._LocalEngine(block_rows=8, progress=False)
+    sets = embeddings._Sets(engine, inputs)
+    sets.prepare()
+    engine.search = lambda *args, **kwargs: pytest.fail("searched although the held pairs cover the threshold")
+    held = metrics.TopPairs(np.full(300, 0.9), np.zeros(300, np.int64), np.zeros(300, np.int64), 1222, None, 0.5)
+
+    best, pairs = embeddings.pairs_above(sets, sets.calibrate, 13, 47, 0.6, pairs=held, first_request=10)
+
+    assert (best, pairs) == (None, held)
+
+
+@pytest.mark.parametrize("prepared", ["queries", "reference", "neither"])
+def test_the_local_engine_refuses_a_set_not_prepared(prepared):
+    engine = embeddings._LocalEngine(block_rows=4, progress=False)
+    rng = np.random.default_rng(2)
+    queries, reference = (engine.put([rng.standard_normal((5, 6)).astype(np.float32)], 6) for _ in range(2))
+    for name, rows in (("queries", queries), ("reference", reference)):
+        if prepared == name:
+            engine.prepare(rows)
+
+    with pytest.raises(AssertionError, match="^prepare both sets first$"):
+        engine.search(queries, reference, k=1)
+
+
+def test_a_bad_row_among_selected_rows_is_named_by_its_own_sample_id(tmp_path):
+    rows = [[1.0, 2.0, 3.0], [2.0, 1.0, 3.0], [3.0, 1.0, 2.0], None, [1.0, 3.0, 2.0]]
+    uri = write_set(tmp_path / "s.parquet", rows, ["a", "b", "c", "d", "e"], embedding_type=pa.list_(pa.float32()))
+    source = EmbeddingSource(uri, "synthetic", require_patients=False)
+
+    with pytest.raises(ValueError) as error:
+        list(source.batches(rows=np.array([1, 3, 4])))
+
+    assert message_of(error) == (f"synthetic embeddings at {uri}: has a null embedding: sample_id d; fix or drop "
+                                 "these rows")
+
+
+def test_generated_samples_keep_their_patient_ids_in_the_matches_table(tmp_path):
+    uris = small_sets(tmp_path)
+    write_set(tmp_path / "synthetic.parquet", np.random.default_rng(8).standard_normal((9, 5)),
+              [f"synthetic{i}" for i in range(9)], [f"g{i % 4}" for i in range(9)])
+
+    result = run_audit(uris["train"], uris["val"], uris["synthetic"], test_uri=uris["test"], progress=False)
+
+    table = result.matches.to_pydict()
+    synthetic_rows = [i for i, kind in enumerate(table["kind"]) if kind == "synthetic"]
+    assert [table["patient_id"][i] for i in synthetic_rows] == [f"g{i % 4}" for i in range(9)]
