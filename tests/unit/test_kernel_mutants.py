@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -766,3 +767,208 @@ def test_a_tile_asked_for_its_one_largest_pair_returns_one():
     scores = pearson(a.exact, b.exact)
     assert (tile.pair_rows.tolist(), tile.pair_cols.tolist()) == ([int(scores.argmax() // 11)],
                                                                   [int(scores.argmax() % 11)])
+
+
+# --- which path the work takes: numpy's nonzero, the top-k's fast path, candidates already in order, strips -----
+
+
+def test_the_cpus_nonzero_takes_numpy_not_torch_nonzero(monkeypatch):
+    """On the CPU numpy's flatnonzero runs several times faster than torch.nonzero (_nonzero's docstring)."""
+    mask = torch.tensor([[False, True, False, True], [True, False, False, True]])
+    monkeypatch.setattr(torch, "nonzero", lambda *args, **kwargs: pytest.fail("torch.nonzero on the CPU"))
+
+    rows, cols = kernel._nonzero(mask)
+
+    assert (rows.tolist(), cols.tolist()) == ([0, 0, 1, 1], [1, 3, 0, 3])
+
+
+def test_rows_without_a_tie_at_the_kth_place_sort_only_their_k_best(monkeypatch):
+    """The fast path: torch.topk's k-th value decides each row's candidates; only with a tie straddling the k-th
+    place are whole rows sorted. Distinct random scores never tie, so no sort sees more than k columns."""
+    scores = torch.from_numpy(np.random.default_rng(70).standard_normal((5, 40)))
+    widths, real = [], torch.sort
+
+    def recorded(values, *args, **kwargs):
+        widths.append(values.shape[-1])
+        return real(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", recorded)
+    values, columns = kernel.topk_lowest_index(scores, 3)
+
+    expected_columns = np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :3]
+    assert (widths, columns.tolist()) == ([3], expected_columns.tolist())
+    assert np.array_equal(values.numpy(), np.take_along_axis(scores.numpy(), expected_columns, 1))
+
+
+def rescore_case(order):
+    """Candidate pairs of two float32-screen blocks in the given order, with their screen scores."""
+    a, b = kernel.prepare_block(gaussian(5, 16, seed=71), "float32"), kernel.prepare_block(gaussian(6, 16, seed=72),
+                                                                                          "float32")
+    rows, cols = torch.tensor([0, 0, 2, 3, 4])[order], torch.tensor([1, 5, 0, 2, 4])[order]
+    screen = (a.screen @ b.screen.T)[rows, cols]
+    return a, b, rows, cols, screen, kernel.ScreenBound.for_tile(a, b)
+
+
+@pytest.mark.parametrize("order, sorts", [([0, 1, 2, 3, 4], 0), ([3, 0, 4, 2, 1], 1)])
+def test_rescore_sorts_its_candidates_only_when_they_are_out_of_order(monkeypatch, order, sorts):
+    a, b, rows, cols, screen, bound = rescore_case(order)
+    calls = count_calls(monkeypatch, torch, "argsort")
+
+    rows, cols, _, scores = kernel.rescore(a, b, rows, cols, screen, bound)
+
+    expected = pearson(a.exact, b.exact)[[0, 0, 2, 3, 4], [1, 5, 0, 2, 4]].astype(np.float32)
+    assert (len(calls), rows.tolist(), cols.tolist(), scores.tolist()) == (
+        sorts, [0, 0, 2, 3, 4], [1, 5, 0, 2, 4], expected.tolist())
+
+
+def test_a_tile_wider_than_the_strip_budget_screens_one_row_at_a_time(monkeypatch):
+    """STRIP_SCORES bounds a strip's scores (its memory); a row wider than that still makes a strip of one row."""
+    a, b = kernel.prepare_block(gaussian(5, 16, seed=73), "float32"), kernel.prepare_block(gaussian(24, 16, seed=74),
+                                                                                          "float32")
+    monkeypatch.setattr(kernel, "STRIP_SCORES", 20)
+    heights, real = [], kernel.screen_values
+    monkeypatch.setattr(kernel, "screen_values",
+                        lambda strip, *args: heights.append(strip.shape[0]) or real(strip, *args))
+
+    tile = kernel.search_tile(a, b, a_offset=0, b_offset=0, k=2)
+
+    expected_cols = np.argsort(-pearson(a.exact, b.exact).astype(np.float32), axis=1, kind="stable")[:, :2]
+    assert (heights, tile.row_indices.tolist()) == ([1] * 5, expected_cols.tolist())
+
+
+# --- threads: the pending tiles' bound, merging as tiles finish, intra-op threads per worker, map_blocks ---------
+
+
+def test_a_search_keeps_at_most_two_tiles_per_worker_pending(monkeypatch):
+    """One worker: while the first tile runs, the search submits one more and then waits for a tile to finish
+    (2 x workers pending). The first tile waits a second for more submissions that must not come."""
+    submitted = []
+
+    class Counting(kernel.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            submitted.append(1)
+            return super().submit(*args, **kwargs)
+
+    seen, real = [], kernel.search_tile
+
+    def tile(*args, **kwargs):
+        if not seen:
+            deadline = time.monotonic() + 1.0
+            while len(submitted) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(len(submitted))
+        return real(*args, **kwargs)
+
+    a, b = (kernel.PreparedRows.of(gaussian(n, 16, seed=n), 8, "float32") for n in (8, 40))  # before counting
+    monkeypatch.setattr(kernel, "ThreadPoolExecutor", Counting)
+    monkeypatch.setattr(kernel, "search_tile", tile)
+    kernel.search(a, b, k=2, block_rows=8, workers=1)
+
+    assert (seen, len(submitted)) == ([2], 5)
+
+
+def test_a_slow_tile_does_not_hold_back_the_other_worker(monkeypatch):
+    """Two workers: the first tile to start waits for the fifth to start. The search merges tiles as they finish
+    (not all pending ones at once), so the other worker runs the second to fifth tiles meanwhile."""
+    fifth_started, starts, real = threading.Event(), [], kernel.search_tile
+    waited = []
+
+    def tile(*args, **kwargs):
+        starts.append(1)
+        if len(starts) == 5:
+            fifth_started.set()
+        if len(starts) == 1:
+            waited.append(fifth_started.wait(timeout=10))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "search_tile", tile)
+    with kernel._intra_op_threads(2):
+        kernel.search(gaussian(8, 16, seed=77), gaussian(48, 16, seed=78), k=2, block_rows=8, workers=2,
+                      screen="float32")
+
+    assert (waited, len(starts)) == ([True], 6)
+
+
+def test_each_of_two_workers_gets_half_of_four_intra_op_threads():
+    threads, real = [], kernel.search_tile
+
+    def tile(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, kernel._intra_op_threads(4):
+        patch.setattr(kernel, "search_tile", tile)
+        kernel.search(gaussian(8, 16, seed=79), gaussian(16, 16, seed=80), k=2, block_rows=8, workers=2,
+                      screen="float32")
+
+    assert threads == [2, 2]
+
+
+def test_the_validity_check_runs_on_one_intra_op_thread(monkeypatch):
+    calls = count_calls(monkeypatch, torch, "isfinite")
+    rows = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [1.0, float("nan"), 0.0]])
+
+    with kernel._intra_op_threads(2):
+        invalid = kernel.find_invalid_rows(rows)
+
+    assert ([call["intra_op_threads"] for call in calls], invalid.tolist()) == ([1], [False, True, True])
+
+
+def test_map_blocks_with_one_intra_op_thread_runs_in_the_callers_thread():
+    with kernel._intra_op_threads(1):
+        threads = kernel.map_blocks(lambda item: threading.get_ident(), [1, 2, 3])
+
+    assert threads == [threading.get_ident()] * 3
+
+
+def test_map_blocks_runs_as_many_threads_as_intra_op_threads_each_with_one():
+    """Two intra-op threads, four items: two threads run at once (the first two meet at a barrier), never more
+    (the items hold their place a moment after it, so a larger pool would run the others beside them)."""
+    both, lock, active, seen = threading.Barrier(2, timeout=10), threading.Lock(), [0], []
+
+    def work(item):
+        with lock:
+            active[0] += 1
+            seen.append((active[0], torch.get_num_threads()))
+        if item < 2:
+            both.wait()
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return item * 10
+
+    with kernel._intra_op_threads(2):
+        results = kernel.map_blocks(work, [0, 1, 2, 3])
+
+    assert (results, max(count for count, _ in seen), {threads for _, threads in seen}) == ([0, 10, 20, 30], 2, {1})
+
+
+# --- the screens' tightness: how many candidates reach the exact rescoring ------------------------------------------
+
+
+def test_a_tile_asked_for_one_top_pair_returns_only_its_best_pair():
+    """search_tile's contract: the tile's top_pairs largest exact scores plus those within band below (band 0 here);
+    the screen's candidates around the best are trimmed in the tile, not left to the merge."""
+    a, b = (kernel.prepare_block(gaussian(n, 64, seed=n), "int8") for n in (40, 60))
+
+    tile = kernel.search_tile(a, b, a_offset=0, b_offset=0, k=2, top_pairs=1)
+
+    scores = pearson(a.exact, b.exact)
+    best = np.unravel_index(np.argmax(scores), scores.shape)
+    assert (tile.pair_rows.tolist(), tile.pair_cols.tolist()) == ([best[0]], [best[1]])
+
+
+def test_rows_of_exactly_k_chunks_are_screened_by_their_kth_chunk_maximum():
+    """Two chunks of COLUMN_CHUNK columns and k = 2: a row's bound is the lower of its two chunk maxima, so only the
+    entries near the top of the row are candidates, not all 128 (and the row's exact top 2 among them)."""
+    a = kernel.prepare_block(gaussian(4, 16, seed=81), "float32")
+    b = kernel.prepare_block(gaussian(2 * kernel.COLUMN_CHUNK, 16, seed=82), "float32")
+    strip = a.screen @ b.screen.T
+    chunk_max = strip.view(4, 2, kernel.COLUMN_CHUNK).amax(dim=2)
+    bound = kernel.ScreenBound.for_tile(a, b)
+
+    (rows, cols, _), _ = kernel._row_candidates(strip, chunk_max, 2, bound, torch.full((4,), bound.lowest))
+
+    top2 = np.argsort(-pearson(a.exact, b.exact), axis=1)[:, :2]
+    candidates = set(zip(rows.tolist(), cols.tolist()))
+    assert {(row, int(col)) for row in range(4) for col in top2[row]} <= candidates and len(candidates) <= 4 * 8
