@@ -374,3 +374,40 @@ def test_tau_is_one_dashed_black_line_at_the_same_place_in_both_panels():
     # x axis from 0 to 1 with matplotlib's 5 % margins: tau = 0.7 at (0.05 + 0.7) / 1.1 of the frame's width
     assert abs(upper - lower) <= 1 and abs(lower - (left + (right - left) * 0.75 / 1.1)) <= 3, (upper, lower)
     assert 0.3 < upper_share < 0.9 and 0.3 < lower_share < 0.9, (upper_share, lower_share)  # dashed, not solid
+
+
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the report draws, kept for inspection (the PNG's text is pixels no test reads)."""
+    figures = []
+
+    class Kept(report.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(report, "Figure", Kept)
+    return figures
+
+
+def test_the_histograms_titles_labels_legend_and_layout_say_what_is_drawn(monkeypatch):
+    figures = drawn_figures(monkeypatch)
+
+    render_report(metrics=METRICS | {"calibration": "matched"}, synthetic_top1=np.linspace(0.6, 0.95, 30),
+                  null_scores=np.linspace(0.5, 0.9, 12), pairs=[], patients=[])
+
+    (figure,) = figures
+    top, bottom = figure.axes
+    assert [ax.get_title() for ax in (top, bottom)] == [
+        "Synthetic samples: highest correlation with any training sample (n = 30)",
+        f"Null: {report.NULL_DESCRIPTIONS['matched']} (n = 12)"]
+    assert {ax.title.get_fontsize() for ax in (top, bottom)} == {10}
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in (top, bottom)] == [
+        ("", "samples"), ("Pearson correlation of detector embeddings", "samples")]
+    assert [[text.get_text() for text in ax.get_legend().get_texts()] for ax in (top, bottom)] == [
+        ["tau = 0.9300"], ["tau = 0.9300"]]
+    for ax in (top, bottom):  # the legend in the upper left corner of its panel (as drawn into the PNG)
+        legend, panel = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert (abs(legend.x0 - panel.x0) < 15, abs(legend.y1 - panel.y1) < 15) == (True, True)
+    assert top.get_shared_x_axes().joined(top, bottom)
+    assert type(figure.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
+    assert (tuple(figure.get_size_inches()), figure.dpi) == ((8.0, 5.5), 100)
