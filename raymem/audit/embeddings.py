@@ -860,7 +860,8 @@ def track_audit(result: AuditResult, out_uri: str, *, experiment: str, run_name:
     """One MLflow run per audit (MLFLOW_TRACKING_URI, else sqlite in a local out_uri): params, every numeric
     figure (intervals as <figure>_ci_lo / _ci_hi), each phase's wall seconds as audit/phase_seconds/<phase>, the
     warnings, the evaluation source and the training set compared with as tags; metrics.json and ``artifacts``
-    ({file name: text}) as artifacts."""
+    ({file name: text}) as artifacts, under <out_uri>/mlartifacts when the audit creates the experiment (as
+    train-ldm and sweeps do; MLflow's default would be ./mlruns in whatever folder the job runs in)."""
     from raymem import tracking
 
     metrics = result.metrics
@@ -869,7 +870,8 @@ def track_audit(result: AuditResult, out_uri: str, *, experiment: str, run_name:
             "raymem.reference": str(metrics.get("reference", {}).get("source"))}
     if metrics.get("warnings"):
         tags["raymem.warnings"] = " | ".join(metrics["warnings"])[:5000]  # MLflow caps a tag value's length
-    with tracking.run(experiment, run_name, uri=uri, tags=tags) as tracked:
+    with tracking.run(experiment, run_name, uri=uri, artifact_location=tracking.artifact_root(out_uri),
+                      tags=tags) as tracked:
         tracking.log_params(tracked, params)
         tracking.log_metrics(tracked, {**dict(numeric_items(metrics)), **{
             f"audit/phase_seconds/{phase}": seconds for phase, seconds in result.phase_seconds.items()}})
