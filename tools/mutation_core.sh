@@ -35,13 +35,14 @@ simulation_harness=(  # test_statistics_simulation.py's run_audit checks, not it
   "$u/test_statistics_simulation.py::test_fewer_than_100_generated_samples_get_a_warning"
 )
 deid_tests="$u/test_formats.py $u/test_ingest_plan.py $u/test_deidentify_mutants.py"
-# audit/embeddings.py without _RayEngine and track_audit (Ray and MLflow: the integration tests' part)
+# audit/embeddings.py without _RayEngine (Ray: the integration tests' part); track_audit against a real sqlite
+# MLflow store and moto S3 (test_track_audit.py, about 10 s a mutant)
 e=raymem.audit.embeddings
 embedding_mutants="$(printf "$e.xǁ%sǁ*__mutmut_* " EmbeddingSource PhaseClock _LocalSet _LocalEngine Subset _Sets)$(
   printf "$e.x_%s__mutmut_* " _fixed_dim _require_unique _progress_bar evaluation_split read_inputs plant_embeddings \
     read_planted search_against_train pairs_above expected_pairs_above run_audit _search planted_figures _pair_row \
     _plant audit_metrics audit_warnings _label_figures matches_table _lists write_outputs numeric_items \
-    audit_embeddings)"
+    audit_embeddings track_audit)"
 # audit/images.py without audit_images, _ingest_synthetic and detector_heldout_accuracy (Ray Data ingest and
 # embedding, a trained LDM) and audit_report (their outputs): the integration tests' part
 i=raymem.audit.images
@@ -56,7 +57,7 @@ core=(
   "raymem/audit/metrics.py||$u/test_metrics.py $u/test_audit_reference.py $u/test_sweep_rules.py
    $u/test_metrics_mutants.py"
   "raymem/audit/embeddings.py|$embedding_mutants|$u/test_embeddings_mutants.py $u/test_audit_reference.py
-   $u/test_metrics.py"
+   $u/test_metrics.py $u/test_track_audit.py"
   "raymem/audit/quality.py||$u/test_quality.py $u/test_quality_reference.py $u/test_quality_mutants.py"
   "raymem/audit/accuracy.py||$u/test_accuracy.py $u/test_heldout_accuracy.py
    $u/test_accuracy_mutants.py"

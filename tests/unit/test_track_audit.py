@@ -45,7 +45,7 @@ def test_an_audit_run_holds_its_tags_params_figures_phases_and_artifacts(tmp_pat
     out = tmp_path / "out"
 
     track_audit(result(METRICS), str(out), experiment="audits", run_name="chest-1", params={"percentile": 95.0},
-                artifacts={"report.html": "<p>the report</p>"})
+                artifacts={"report.html": "<p>the report: τ = 0.93, Zürich</p>"})
 
     client, run = only_run(f"sqlite:///{out / 'mlflow.db'}", "audits")
     tags = run.data.tags
@@ -62,16 +62,16 @@ def test_an_audit_run_holds_its_tags_params_figures_phases_and_artifacts(tmp_pat
     folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded")))
     assert sorted(path.name for path in folder.iterdir()) == ["metrics.json", "report.html"]
     assert (folder / "metrics.json").read_text(encoding="utf-8") == json.dumps(METRICS, indent=2, sort_keys=True)
-    assert (folder / "report.html").read_text(encoding="utf-8") == "<p>the report</p>"
+    assert (folder / "report.html").read_text(encoding="utf-8") == "<p>the report: τ = 0.93, Zürich</p>"
     # beside the store, not in the working directory (MLflow's default ./mlruns)
     stored = sorted(path.name for path in (out / "mlartifacts").glob("*/artifacts/*"))
     assert (stored, (tmp_path / "mlruns").exists()) == (["metrics.json", "report.html"], False)
 
 
-def test_a_run_without_warnings_has_no_warnings_tag_and_a_long_list_is_cut_at_5000_characters(tmp_path,
-                                                                                                monkeypatch):
+def test_a_run_without_warnings_or_a_reference_has_neither_tag_and_a_long_list_is_cut_at_5000_characters(
+        tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    quiet = {key: value for key, value in METRICS.items() if key != "warnings"} | {"warnings": []}
+    quiet = {key: value for key, value in METRICS.items() if key not in ("warnings", "reference", "fpr_source")}
     noisy = METRICS | {"warnings": ["x" * 3000, "y" * 3000]}
 
     track_audit(result(quiet), str(tmp_path / "quiet"), experiment="audits", run_name="quiet", params={},
@@ -80,7 +80,9 @@ def test_a_run_without_warnings_has_no_warnings_tag_and_a_long_list_is_cut_at_50
 
     _, quiet_run = only_run(f"sqlite:///{tmp_path / 'quiet' / 'mlflow.db'}", "audits")
     _, noisy_run = only_run(f"sqlite:///{tmp_path / 'noisy' / 'mlflow.db'}", "audits")
-    assert ("raymem.warnings" in quiet_run.data.tags, quiet_run.data.tags["raymem.stage"]) == (False, "audit-images")
+    tags = quiet_run.data.tags
+    assert ("raymem.warnings" in tags, tags["raymem.stage"], tags["raymem.reference"], tags["raymem.fpr_source"]) == (
+        False, "audit-images", "None", "None")
     assert noisy_run.data.tags["raymem.warnings"] == ("x" * 3000 + " | " + "y" * 3000)[:5000]
 
 
