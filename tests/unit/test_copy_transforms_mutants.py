@@ -230,6 +230,21 @@ def test_a_probability_of_one_transforms_every_sample_and_zero_none():
     assert [bool(c.all()) for c in changed] == [True] * 7
 
 
+def test_a_probability_of_zero_never_happens_even_on_a_draw_of_exactly_zero(monkeypatch):
+    """torch.rand draws from [0, 1): 0.0 itself can come (one draw in 2 ** 24). A transform at probability 0 must
+    stay off on it, so the comparison with p is strict. Every draw is made 0.0 here."""
+    bounds = TransformBounds(rotation_deg=5.0, crop_scale=(0.5, 0.9), contrast=(1.1, 1.2), brightness_shift=0.1,
+                             gamma=(1.1, 1.2), noise_std=0.1, blur_sigma_px=1.0)
+    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None, device=None: torch.zeros(*shape, device=device))
+
+    params = sample_transform(bounds, 4, 2, torch.Generator().manual_seed(0))
+
+    assert [params.rotation_deg.abs().max().item(), params.flipped.any().item(), params.crop_scale.min().item(),
+            params.contrast.max().item(), params.brightness_shift.abs().max().item(), params.gamma.max().item(),
+            params.noise_std.max().item(), params.blur_sigma_px.max().item()] == [0.0, False, 1.0, 1.0, 0.0, 1.0,
+                                                                                  0.0, 0.0]
+
+
 # --- geometry against numpy ------------------------------------------------------------------------------------
 
 
